@@ -1,0 +1,78 @@
+"""Engine and sessions: one pool per process, disposed after a fork."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+T = TypeVar("T")
+
+# SQLSTATEs worth retrying as a whole transaction: serialization failure, deadlock.
+RETRYABLE_SQLSTATES = {"40001", "40P01"}
+
+
+@lru_cache(maxsize=4)
+def get_engine(url: str | None = None) -> sa.Engine:
+    from orchestrator.config import settings  # late: models must not need the app to import
+
+    return sa.create_engine(
+        url or settings().database_url,
+        pool_size=5,
+        max_overflow=10,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+
+
+@lru_cache(maxsize=4)
+def _factory(url: str | None = None) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+def new_session() -> Session:
+    return _factory()()
+
+
+@contextmanager
+def transaction() -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any error."""
+    with new_session() as session, session.begin():
+        yield session
+
+
+def dispose_after_fork() -> None:
+    """A forked child must not share its parent's sockets (SQLAlchemy pooling docs)."""
+    for url in [None]:
+        get_engine(url).dispose(close=False)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A lost connection or a serialization/deadlock abort: the whole transaction may be rerun."""
+    if isinstance(exc, OperationalError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        return sqlstate in RETRYABLE_SQLSTATES
+    return False
+
+
+def run_in_transaction(work: Callable[[Session], T], attempts: int = 5) -> T:
+    """Run `work` in its own transaction, rerunning it on serialization failures and deadlocks."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with transaction() as session:
+                return work(session)
+        except DBAPIError as exc:
+            if attempt == attempts or not is_retryable(exc):
+                raise
+            time.sleep(0.01 * 2**attempt)
+    raise AssertionError("unreachable")

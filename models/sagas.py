@@ -1,0 +1,77 @@
+"""Saga instances, the state of each step and its compensation, and the timeline of events."""
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from models.base import Base, enum_column
+from models.enums import CompensationStatus, Reason, SagaState, StepStatus
+
+
+class Saga(Base):
+    __tablename__ = "sagas"
+    __table_args__ = (sa.Index("ix_sagas_state_created", "state", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    order_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("orders.id"), unique=True)
+    definition: Mapped[str] = mapped_column(sa.String(64))
+    state: Mapped[SagaState] = mapped_column(enum_column(SagaState))
+    reason: Mapped[Reason | None] = mapped_column(enum_column(Reason))
+    # Index of the step (or compensation, when compensating) in hand.
+    current_step: Mapped[int]
+    # Everything later commands need (lines, total, card token, injected faults); never shown.
+    context: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    deadline_at: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+    steps: Mapped[list["SagaStep"]] = relationship(order_by="SagaStep.idx", lazy="selectin")
+
+
+class SagaStep(Base):
+    """One forward step and its compensation; both halves share the row."""
+
+    __tablename__ = "saga_steps"
+    __table_args__ = (
+        sa.Index(
+            "ix_saga_steps_running_deadline",
+            "deadline_at",
+            postgresql_where=sa.text("deadline_at IS NOT NULL"),
+        ),
+    )
+
+    saga_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("sagas.id"), primary_key=True)
+    idx: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(64))
+    status: Mapped[StepStatus] = mapped_column(enum_column(StepStatus))
+    attempts: Mapped[int] = mapped_column(default=0)
+    request_id: Mapped[uuid.UUID | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    compensation: Mapped[str | None] = mapped_column(sa.String(64))
+    comp_status: Mapped[CompensationStatus | None] = mapped_column(enum_column(CompensationStatus))
+    comp_attempts: Mapped[int] = mapped_column(default=0)
+    comp_request_id: Mapped[uuid.UUID | None]
+    comp_started_at: Mapped[datetime | None]
+    comp_finished_at: Mapped[datetime | None]
+    comp_error: Mapped[str | None] = mapped_column(sa.Text)
+    # Set while this row's action or compensation is in flight; the sweeper scans it.
+    deadline_at: Mapped[datetime | None]
+
+
+class SagaEvent(Base):
+    __tablename__ = "saga_events"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    saga_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("sagas.id"), index=True)
+    at: Mapped[datetime] = mapped_column(server_default=sa.func.clock_timestamp())
+    event: Mapped[str] = mapped_column(sa.String(40))
+    step: Mapped[str | None] = mapped_column(sa.String(64))
+    attempt: Mapped[int | None]
+    detail: Mapped[str | None] = mapped_column(sa.Text)
+    actor: Mapped[str | None] = mapped_column(sa.String(64))

@@ -1,0 +1,1 @@
+"""Saga orchestration: the state machine, the engine, the outbox relay and the CLI."""

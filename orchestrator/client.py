@@ -1,0 +1,61 @@
+"""A small HTTP client of the system's API, shared by demo, bench and chaos."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+FINAL_ORDER_STATUSES = ("confirmed", "cancelled", "failed")
+
+
+@dataclass
+class Api:
+    url: str
+    session: requests.Session
+
+    @classmethod
+    def connect(cls, url: str) -> Api:
+        return cls(url.rstrip("/"), requests.Session())
+
+    def place(self, body: dict[str, Any], key: str | None = None) -> requests.Response:
+        headers = {"Idempotency-Key": key} if key else {}
+        return self.session.post(f"{self.url}/orders", json=body, headers=headers, timeout=30)
+
+    def order(self, order_id: str) -> dict[str, Any]:
+        r = self.session.get(f"{self.url}/orders/{order_id}",
+                             headers={"Accept": "application/json"}, timeout=30)
+        r.raise_for_status()
+        data: dict[str, Any] = r.json()
+        return data
+
+    def wait_final(
+        self, order_ids: Iterable[str], timeout_s: float,
+        progress: Callable[[int, int], None] | None = None,
+        final: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Poll until every order (and its saga) is final or the time is up."""
+        is_final = final or (lambda o: o["saga"]["state"] in ("completed", "compensated", "failed"))
+        pending = list(order_ids)
+        done: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        total = len(pending)
+        while pending and time.monotonic() < deadline:
+            still = []
+            for order_id in pending:
+                view = self.order(order_id)
+                if is_final(view):
+                    done[order_id] = view
+                else:
+                    still.append(order_id)
+            pending = still
+            if progress:
+                progress(len(done), total)
+            if pending:
+                time.sleep(0.25)
+        for order_id in pending:
+            done[order_id] = self.order(order_id)
+        return done

@@ -1,0 +1,75 @@
+"""The Flask front end: order form and API, admin console, health and metrics.
+
+``create_app()`` refuses to start in production without its secrets (see orchestrator.config).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from orchestrator.config import settings
+from orchestrator.logs import log_context, setup_logging
+
+MAX_BODY = 64 * 1024
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    cfg = settings()
+    if not logging.getLogger().handlers:
+        setup_logging(os.environ.get("SAGA_PROCESS", "web"))
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=cfg.secret_key,
+        MAX_CONTENT_LENGTH=MAX_BODY,
+        MAX_FORM_MEMORY_SIZE=MAX_BODY,
+        WTF_CSRF_TIME_LIMIT=None,
+        ADMIN_USER=cfg.admin_user,
+        ADMIN_PASSWORD=cfg.admin_password,
+        FAULT_INJECTION=cfg.fault_injection,
+        JSON_SORT_KEYS=False,
+    )
+    if test_config:
+        app.config.update(test_config)
+
+    from web import admin, errors, ops, orders, presenters
+
+    errors.register(app)
+    app.jinja_env.filters.update(explain=presenters.explain, money=presenters.money,
+                               duration=presenters.duration,
+                               attempt_chart=presenters.attempt_chart)
+    app.jinja_env.globals.update(texts=presenters.page_texts())
+    app.register_blueprint(orders.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(ops.bp)
+
+    @app.before_request
+    def _request_context() -> None:
+        g.request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        g.log_ctx = log_context(request_id=g.request_id)
+        g.log_ctx.__enter__()
+
+    @app.teardown_request
+    def _end_request_context(_: BaseException | None) -> None:
+        ctx = g.pop("log_ctx", None)
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    @app.after_request
+    def _security_headers(response: Response) -> Response:
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "same-origin"
+        return response
+
+    return app

@@ -1,0 +1,23 @@
+"""Operations endpoints: health of the database and broker, Prometheus metrics, the OpenAPI file."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from orchestrator import health, metrics
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    status = health.check()
+    response = jsonify(status)
+    response.status_code = 200 if all(v == "ok" for v in status.values()) else 503
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/metrics")
+def prometheus() -> Response:
+    return Response(metrics.render(), mimetype=metrics.CONTENT_TYPE)

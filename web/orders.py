@@ -1,0 +1,179 @@
+"""The shop's side: the order form, POST /orders (JSON or form), the order page, the products."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask_wtf.csrf import CSRFError, validate_csrf
+from wtforms import ValidationError as CsrfInvalid
+
+from models.db import transaction
+from orchestrator import engine, ordering, queries
+from orchestrator.logs import log_context
+from web.errors import ApiError, wants_json
+from web.validation import IDEMPOTENCY_KEY, InvalidOrder, OrderIn, fingerprint, parse_order
+
+bp = Blueprint("orders", __name__)
+
+TEST_TOKENS = ("tok_visa", "tok_chargeDeclined")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_body() -> Any:
+    try:
+        return json.loads(request.get_data(cache=True), parse_constant=_reject_constant)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "malformed_json", "the body is not valid JSON") from exc
+
+
+def check_csrf() -> None:
+    try:
+        validate_csrf(request.form.get("csrf_token"))
+    except (CsrfInvalid, CSRFError) as exc:
+        raise ApiError(400, "csrf_failed", "the form's CSRF token is missing or invalid") from exc
+
+
+def _form_as_order(form: Any, skus: list[str]) -> dict[str, Any]:
+    """The form's fields in the JSON API's shape, so both go through one validation."""
+    items = []
+    for sku in skus:
+        raw = (form.get(f"qty_{sku}") or "").strip()
+        if raw and raw != "0":
+            items.append({"sku": sku, "quantity": int(raw) if raw.isdigit() else raw})
+    return {
+        "customer_id": form.get("customer_id", ""),
+        "items": items,
+        "payment": {"card_token": form.get("card_token", "")},
+    }
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.match(key):
+        raise ApiError(400, "invalid_idempotency_key",
+                       "Idempotency-Key must be 1 to 255 visible ASCII characters")
+    return key
+
+
+def _place(order: OrderIn, raw: Any, key: str | None) -> ordering.Placement:
+    new = engine.NewOrder(
+        customer_id=order.customer_id,
+        items=[(item.sku, item.quantity) for item in order.items],
+        card_token=order.payment.card_token,
+        faults=order.faults,
+    )
+    try:
+        return ordering.place_order(new, key, fingerprint(raw))
+    except ordering.Backlogged as exc:
+        raise ApiError(503, "backlogged", "too many orders in flight; try again shortly",
+                       headers={"Retry-After": "5"}) from exc
+    except ordering.IdempotencyMismatch as exc:
+        raise ApiError(409, "idempotency_mismatch",
+                       "this Idempotency-Key was used with a different body") from exc
+    except ordering.IdempotencyInFlight as exc:
+        raise ApiError(409, "idempotency_in_flight",
+                       "a request with this Idempotency-Key is still being processed") from exc
+    except engine.UnknownSku as exc:  # the catalogue changed between validation and insert
+        raise ApiError(422, "validation_failed", "unknown product",
+                       [{"field": "items", "message": f"unknown product {exc}"}]) from exc
+
+
+def _catalogue() -> list[dict[str, Any]]:
+    with transaction() as session:
+        return queries.products(session)
+
+
+@bp.get("/")
+def form() -> str:
+    return render_template("orders/form.html", products=_catalogue(), tokens=TEST_TOKENS,
+                           values={}, errors={})
+
+
+@bp.post("/orders")
+def create() -> Response | tuple[Response, int]:
+    mimetype = request.mimetype
+    if mimetype == "application/json":
+        raw = _json_body()
+        is_form = False
+    elif mimetype == "application/x-www-form-urlencoded":
+        check_csrf()
+        is_form = True
+        raw = _form_as_order(request.form, [p["sku"] for p in _catalogue()])
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       "send application/json or an HTML form (application/x-www-form-urlencoded)")
+    key = _idempotency_key()
+    try:
+        skus = [i.get("sku") for i in raw.get("items", []) if isinstance(i, dict)] if isinstance(raw, dict) else []
+        with transaction() as session:
+            known = queries.known_skus(session, [s for s in skus if isinstance(s, str)])
+        order = parse_order(raw, fault_injection=current_app.config["FAULT_INJECTION"],
+                            known_skus=known)
+    except InvalidOrder as exc:
+        if is_form:
+            return _form_errors(request.form, exc.details)
+        raise ApiError(422, "validation_failed", "the order is not valid", exc.details) from exc
+    placed = _place(order, raw, key)
+    with log_context(saga_id=placed.saga_id, order_id=placed.order_id):
+        current_app.logger.info("order %s", "accepted" if placed.created else "replayed (same key)")
+    location = url_for("orders.show", order_id=placed.order_id)
+    if is_form:
+        return redirect(location, code=303)  # type: ignore[return-value]
+    response = jsonify({"order_id": str(placed.order_id), "saga_id": str(placed.saga_id),
+                        "status": "pending" if placed.created else _status(placed.order_id)})
+    response.status_code = 202 if placed.created else 200
+    response.headers["Location"] = location
+    return response
+
+
+def _status(order_id: uuid.UUID) -> str:
+    with transaction() as session:
+        view = queries.order_view(session, order_id)
+    return view["status"] if view else "pending"
+
+
+def _form_errors(form: Any, details: list[dict[str, str]]) -> tuple[Response, int]:
+    errors: dict[str, list[str]] = {}
+    for d in details:
+        errors.setdefault(d["field"], []).append(d["message"])
+    page = render_template("orders/form.html", products=_catalogue(), tokens=TEST_TOKENS,
+                           values=form, errors=errors)
+    return Response(page, mimetype="text/html"), 422
+
+
+@bp.get("/orders/<order_id>")
+def show(order_id: str) -> Response | str:
+    try:
+        ident = uuid.UUID(order_id)
+    except ValueError as exc:
+        raise ApiError(404, "not_found", "no such order") from exc
+    with transaction() as session:
+        view = queries.order_view(session, ident)
+    if view is None:
+        raise ApiError(404, "not_found", "no such order")
+    if wants_json():
+        view.pop("customer_id", None)
+        return jsonify(view)
+    return render_template("orders/show.html", order=view)
+
+
+@bp.get("/products")
+def products() -> Response:
+    return jsonify(_catalogue())

@@ -1,0 +1,50 @@
+"""Injected faults (``SAGA_FAULT_INJECTION=1`` in the worker's environment too), as in the contract.
+
+- ``transient:N``: attempts 1..N raise a transient error; ``always``: every attempt does;
+- ``fail``: a business refusal; ``crash``: the first attempt does its work, then the process dies
+  as SIGKILL would, before replying; ``hang:S``: the first attempt sleeps S seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from orchestrator.messages import FAULT
+
+
+class TransientError(Exception):
+    """A failure worth retrying: the next attempt may well succeed."""
+
+
+class InjectedRefusal(Exception):
+    """The ``fail`` fault: a business refusal."""
+
+
+def _enabled(fault: str | None) -> bool:
+    return bool(fault) and os.environ.get("SAGA_FAULT_INJECTION") == "1"
+
+
+def before_work(fault: str | None, attempt: int, redelivered: bool) -> None:
+    """Apply the faults that strike before the local work."""
+    if not _enabled(fault):
+        return
+    assert fault is not None
+    match = FAULT.match(fault)
+    if not match:
+        return
+    if fault == "always":
+        raise TransientError("injected fault: always")
+    if fault == "fail":
+        raise InjectedRefusal("injected fault: fail")
+    if match.group("n") and attempt <= int(match.group("n")):
+        raise TransientError(f"injected fault: {fault} (attempt {attempt})")
+    if match.group("s") and attempt == 1 and not redelivered:
+        time.sleep(float(match.group("s")))
+
+
+def after_work(fault: str | None, applied_now: bool) -> None:
+    """``crash``: die right after the first attempt committed its effect, before the reply."""
+    if _enabled(fault) and fault == "crash" and applied_now:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,52 @@
+"""The order service: confirm an order (its reserved stock becomes sold); cancel it.
+
+Run: ``sagactl worker orders``. The order's own status is the idempotency record.
+"""
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from models.enums import OrderStatus, ReservationStatus
+from models.orders import Order
+from models.participants import Reservation
+from orchestrator.celery_app import app
+from orchestrator.messages import CancelPayload, Command, CommandPayload
+from workers import stock
+from workers.participant import Result, participant
+
+__all__ = ["app", "cancel", "confirm"]
+
+
+def _order(session: Session, payload: CommandPayload) -> Order:
+    order = session.get(Order, payload.order_id, with_for_update=True, populate_existing=True)
+    if order is None:
+        raise LookupError(f"order {payload.order_id} does not exist")
+    return order
+
+
+@participant("orders.confirm")
+def confirm(session: Session, command: Command, payload: CommandPayload) -> Result:
+    order = _order(session, payload)
+    if order.status is OrderStatus.CONFIRMED:
+        return Result(True)
+    reservation = session.get(Reservation, command.saga_id, with_for_update=True)
+    if order.status is not OrderStatus.PENDING or reservation is None or (
+        reservation.status is not ReservationStatus.RESERVED
+    ):
+        return Result(False, "fenced: the order is no longer pending with stock reserved")
+    stock.move(session, reservation.lines, "reserved", "sold")
+    reservation.status = ReservationStatus.SOLD
+    order.status = OrderStatus.CONFIRMED
+    order.updated_at = sa.func.now()  # type: ignore[assignment]
+    return Result(True, applied_now=True)
+
+
+@participant("orders.cancel")
+def cancel(session: Session, command: Command, payload: CancelPayload) -> Result:
+    order = _order(session, payload)
+    if order.status is OrderStatus.CANCELLED:
+        return Result(True)
+    order.status = OrderStatus.CANCELLED
+    order.reason = payload.reason
+    order.updated_at = sa.func.now()  # type: ignore[assignment]
+    return Result(True, applied_now=True)
