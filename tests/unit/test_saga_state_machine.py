@@ -1,0 +1,158 @@
+"""The pure state machine: one test per path, given a state and an event, the next state and command."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from models.enums import CompensationStatus as C
+from models.enums import Reason, SagaState
+from models.enums import StepStatus as S
+from orchestrator.order_saga import ORDER_SAGA
+from orchestrator.saga import (
+    CompensationParked,
+    CompensationSucceeded,
+    Dispatch,
+    NotApplicable,
+    OperatorCompensate,
+    OperatorRetry,
+    RetryPolicy,
+    Snapshot,
+    StepFailed,
+    StepSucceeded,
+    advance,
+    initial,
+)
+
+CREATE, RESERVE, CHARGE, CONFIRM = range(4)
+
+
+def run(*events: object) -> tuple[Snapshot, list[Dispatch]]:
+    snap, commands = initial(ORDER_SAGA)
+    for event in events:
+        snap, commands = advance(ORDER_SAGA, snap, event)  # type: ignore[arg-type]
+    return snap, commands
+
+
+def statuses(snap: Snapshot) -> list[tuple[S, C | None]]:
+    return [(v.status, v.comp_status) for v in snap.steps]
+
+
+def test_a_new_saga_dispatches_the_reservation() -> None:
+    snap, commands = run()
+    assert snap.state is SagaState.RUNNING
+    assert commands == [Dispatch(RESERVE, "action")]
+    assert statuses(snap) == [(S.SUCCEEDED, C.PENDING), (S.RUNNING, C.PENDING),
+                              (S.PENDING, C.PENDING), (S.PENDING, None)]
+
+
+def test_each_success_dispatches_the_next_step_and_the_last_completes() -> None:
+    assert run(StepSucceeded(RESERVE))[1] == [Dispatch(CHARGE, "action")]
+    assert run(StepSucceeded(RESERVE), StepSucceeded(CHARGE))[1] == [Dispatch(CONFIRM, "action")]
+    snap, commands = run(StepSucceeded(RESERVE), StepSucceeded(CHARGE), StepSucceeded(CONFIRM))
+    assert (snap.state, commands) == (SagaState.COMPLETED, [])
+    assert [v.status for v in snap.steps] == [S.SUCCEEDED] * 4
+
+
+def test_out_of_stock_skips_the_rest_and_only_cancels_the_order() -> None:
+    snap, commands = run(StepFailed(RESERVE, Reason.OUT_OF_STOCK, partial=False))
+    assert (snap.state, snap.reason) == (SagaState.COMPENSATING, Reason.OUT_OF_STOCK)
+    assert commands == [Dispatch(CREATE, "compensation")]
+    assert [v.status for v in snap.steps] == [S.SUCCEEDED, S.FAILED, S.SKIPPED, S.SKIPPED]
+    snap, commands = advance(ORDER_SAGA, snap, CompensationSucceeded(CREATE))
+    assert (snap.state, commands) == (SagaState.COMPENSATED, [])
+
+
+def test_declined_card_releases_stock_then_cancels_order() -> None:
+    snap, commands = run(StepSucceeded(RESERVE),
+                         StepFailed(CHARGE, Reason.PAYMENT_DECLINED, partial=False))
+    assert commands == [Dispatch(RESERVE, "compensation")]  # no refund: nothing was charged
+    snap, commands = advance(ORDER_SAGA, snap, CompensationSucceeded(RESERVE))
+    assert commands == [Dispatch(CREATE, "compensation")]
+    snap, commands = advance(ORDER_SAGA, snap, CompensationSucceeded(CREATE))
+    assert (snap.state, snap.reason, commands) == (SagaState.COMPENSATED, Reason.PAYMENT_DECLINED, [])
+
+
+def test_charge_exhausted_refunds_it_too_then_releases_then_cancels() -> None:
+    snap, commands = run(StepSucceeded(RESERVE),
+                         StepFailed(CHARGE, Reason.RETRIES_EXHAUSTED, partial=True))
+    assert commands == [Dispatch(CHARGE, "compensation")]
+    order = []
+    while commands:
+        order.append(commands[0].index)
+        snap, commands = advance(ORDER_SAGA, snap, CompensationSucceeded(commands[0].index))
+    assert order == [CHARGE, RESERVE, CREATE]
+    assert (snap.state, snap.reason) == (SagaState.COMPENSATED, Reason.RETRIES_EXHAUSTED)
+
+
+def test_confirm_refused_compensates_charge_and_stock_in_reverse_order() -> None:
+    snap, commands = run(StepSucceeded(RESERVE), StepSucceeded(CHARGE),
+                         StepFailed(CONFIRM, Reason.RETRIES_EXHAUSTED, partial=False))
+    order = []
+    while commands:
+        order.append(commands[0].index)
+        snap, commands = advance(ORDER_SAGA, snap, CompensationSucceeded(commands[0].index))
+    assert order == [CHARGE, RESERVE, CREATE]
+    assert snap.state is SagaState.COMPENSATED
+
+
+def test_a_timed_out_reservation_is_released_as_it_may_have_happened() -> None:
+    snap, commands = run(StepFailed(RESERVE, Reason.TIMEOUT, partial=True))
+    assert commands == [Dispatch(RESERVE, "compensation")]
+    assert snap.reason is Reason.TIMEOUT
+
+
+def test_a_failed_compensation_parks_the_saga_as_failed() -> None:
+    snap, _ = run(StepSucceeded(RESERVE), StepFailed(CHARGE, Reason.TIMEOUT, partial=True))
+    snap, commands = advance(ORDER_SAGA, snap, CompensationParked(CHARGE))
+    assert (snap.state, commands) == (SagaState.FAILED, [])
+    assert snap.steps[CHARGE].comp_status is C.PARKED
+    assert snap.steps[RESERVE].comp_status is C.PENDING  # waits, not skipped
+
+
+def test_operator_retry_unparks_the_compensation_and_runs_the_rest() -> None:
+    snap, _ = run(StepSucceeded(RESERVE), StepFailed(CHARGE, Reason.TIMEOUT, partial=True),
+                  CompensationParked(CHARGE))
+    snap, commands = advance(ORDER_SAGA, snap, OperatorRetry())
+    assert snap.state is SagaState.COMPENSATING
+    assert commands == [Dispatch(CHARGE, "compensation", fresh=True)]
+    snap, commands = advance(ORDER_SAGA, snap, CompensationSucceeded(CHARGE))
+    assert commands == [Dispatch(RESERVE, "compensation")]
+
+
+def test_operator_retry_of_a_running_saga_resends_the_step_in_flight() -> None:
+    snap, commands = advance(ORDER_SAGA, run(StepSucceeded(RESERVE))[0], OperatorRetry())
+    assert commands == [Dispatch(CHARGE, "action", fresh=False)]
+    assert snap.state is SagaState.RUNNING
+
+
+def test_operator_compensate_aborts_the_step_in_flight_and_undoes_it() -> None:
+    snap, commands = advance(ORDER_SAGA, run(StepSucceeded(RESERVE))[0], OperatorCompensate())
+    assert (snap.state, snap.reason) == (SagaState.COMPENSATING, Reason.OPERATOR)
+    assert commands == [Dispatch(CHARGE, "compensation")]
+    assert snap.steps[CHARGE].status is S.FAILED
+
+
+@pytest.mark.parametrize("event", [OperatorRetry(), OperatorCompensate()])
+def test_operator_actions_do_not_apply_to_a_completed_saga(event: object) -> None:
+    done, _ = run(StepSucceeded(RESERVE), StepSucceeded(CHARGE), StepSucceeded(CONFIRM))
+    with pytest.raises(NotApplicable):
+        advance(ORDER_SAGA, done, event)  # type: ignore[arg-type]
+
+
+def test_a_late_reply_for_a_step_no_longer_running_is_refused() -> None:
+    snap, _ = run(StepFailed(RESERVE, Reason.TIMEOUT, partial=True))
+    with pytest.raises(NotApplicable):
+        advance(ORDER_SAGA, snap, StepSucceeded(RESERVE))
+    with pytest.raises(NotApplicable):
+        advance(ORDER_SAGA, snap, CompensationSucceeded(CHARGE))
+
+
+def test_backoff_is_full_jitter_under_an_exponential_cap() -> None:
+    policy = RetryPolicy(attempts=5, base_s=0.5, max_s=3.0)
+    rng = random.Random(7)
+    for attempt, cap in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (9, 3.0)):
+        delays = [policy.delay(attempt, rng) for _ in range(200)]
+        assert 0 <= min(delays) and max(delays) <= cap
+        assert max(delays) > cap * 0.8  # the whole range is used
