@@ -99,11 +99,12 @@ class Started:
 def start_order(session: Session, new: NewOrder) -> Started:
     """Write the order, its saga and the saga's first command, in the caller's transaction."""
     skus = [sku for sku, _ in new.items]
-    prices = dict(
-        session.execute(sa.select(Product.sku, Product.price_cents).where(Product.sku.in_(skus)))
-        .tuples()
-        .all()
-    )
+    prices: dict[str, int] = {
+        sku: price
+        for sku, price in session.execute(
+            sa.select(Product.sku, Product.price_cents).where(Product.sku.in_(skus))
+        )
+    }
     unknown = [sku for sku in skus if sku not in prices]
     if unknown:
         raise UnknownSku(unknown)

@@ -40,7 +40,7 @@ class SagaCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         with transaction() as session:
             by_state = dict(session.execute(
-                sa.select(Saga.state, sa.func.count()).group_by(Saga.state)).tuples().all())
+                sa.select(Saga.state, sa.func.count()).group_by(Saga.state)).all())
             started = CounterMetricFamily("saga_started", "Sagas started")
             started.add_metric([], sum(by_state.values()))
             yield started
@@ -62,7 +62,7 @@ class SagaCollector(Collector):
                 sa.select(SagaEvent.event, sa.func.count())
                 .where(SagaEvent.event.in_(["step.retried", "compensation.dispatched",
                                             "step.timed_out"]))
-                .group_by(SagaEvent.event)).tuples().all())
+                .group_by(SagaEvent.event)).all())
             for metric, event, text in (
                 ("saga_step_retries", "step.retried", "Retries of steps and compensations"),
                 ("saga_compensations", "compensation.dispatched", "Compensations dispatched"),
@@ -75,7 +75,7 @@ class SagaCollector(Collector):
             letters = CounterMetricFamily("saga_dead_letters", "Dead letters recorded, by state",
                                           labels=["state"])
             for state, n in session.execute(
-                sa.select(DeadLetter.state, sa.func.count()).group_by(DeadLetter.state)).tuples():
+                sa.select(DeadLetter.state, sa.func.count()).group_by(DeadLetter.state)):
                 letters.add_metric([state.value], n)
             yield letters
 

@@ -127,7 +127,7 @@ def _stuck_clause() -> Any:
 
 def counts(session: Session) -> dict[str, int]:
     by_state = dict(
-        session.execute(sa.select(Saga.state, sa.func.count()).group_by(Saga.state)).tuples().all()
+        session.execute(sa.select(Saga.state, sa.func.count()).group_by(Saga.state)).all()
     )
     result = {state.value: int(by_state.get(state, 0)) for state in SagaState}
     result["stuck"] = int(session.scalar(sa.select(sa.func.count()).where(_stuck_clause())) or 0)

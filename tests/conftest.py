@@ -42,5 +42,8 @@ def sandbox(artifacts: Path) -> Iterator[object]:
     box = Sandbox.create("sagatest")
     use_sandbox(box)
     yield box
+    from models.db import get_engine
+
+    get_engine().dispose()
     if os.environ.get("SAGA_KEEP_SANDBOX") != "1":
         box.destroy()
