@@ -53,9 +53,8 @@ CHECKS: dict[int, str] = {
     5: """
         SELECT s.order_id, 'dead letter ' || d.id || ' (' || coalesce(d.step, '?')
                || ') names a saga that is ' || coalesce(s.state, 'missing')
-        FROM dead_letters d LEFT JOIN sagas s ON s.id = d.saga_id
-        WHERE d.saga_id IS NOT NULL AND d.state = 'dead'
-          AND (s.state IS NULL OR s.state NOT IN ('compensated', 'failed'))
+        FROM dead_letters d JOIN sagas s ON s.id = d.saga_id
+        WHERE d.state = 'dead' AND s.state NOT IN ('compensated', 'failed')
     """,
     6: """
         SELECT s.order_id, 'saga ' || s.state || ' at ' || st.name || ' past its deadline by '
@@ -66,7 +65,11 @@ CHECKS: dict[int, str] = {
     """,
 }
 
-ORPHANS = "SELECT id, queue, reason FROM dead_letters WHERE saga_id IS NULL AND state = 'dead'"
+# A letter that names no saga, or one that does not exist (a forged or foreign message).
+ORPHANS = """
+    SELECT d.id, d.queue, d.reason FROM dead_letters d LEFT JOIN sagas s ON s.id = d.saga_id
+    WHERE d.state = 'dead' AND s.id IS NULL
+"""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -151,11 +152,13 @@ class DeadLetterIntake(bootsteps.ConsumerStep):  # type: ignore[misc]
         info = message.delivery_info
         queue = info.get("routing_key", "unknown")
         properties = {k: v for k, v in message.properties.items() if k != "application_headers"}
+        body = message.body if isinstance(message.body, bytes) else message.body.encode()
         try:
-            take_in(queue, message.body, dict(message.headers or {}), properties,
+            take_in(queue, body, dict(message.headers or {}), properties,
                     info.get("exchange", ""), queue)
         except Exception:
             log.exception("dead letter intake failed; the message stays queued")
+            time.sleep(1)  # the database is likely down: do not spin on the same message
             message.requeue()
             return
         message.ack()

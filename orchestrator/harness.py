@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -132,7 +131,7 @@ class Processes:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _argv(self, name: str, instance: str | None) -> list[str]:
+    def _argv(self, name: str) -> list[str]:
         args = list(PROCESS_TABLE[name.split("#")[0]])
         if args[0] == "web":
             args += ["--port", str(self.port)]
@@ -148,7 +147,7 @@ class Processes:
         proc_env = self.box.env(SAGA_PROCESS=name, PORT=str(self.port),
                                 SAGA_BEAT_SCHEDULE=str(self.log_dir / f"beat-{name}.db"),
                                 **self.extra_env, **env)
-        proc = subprocess.Popen(self._argv(name, None), env=proc_env, stdout=handle,
+        proc = subprocess.Popen(self._argv(name), env=proc_env, stdout=handle,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         handle.close()
         running = Running(name, proc, log, offset)
@@ -237,5 +236,27 @@ class Processes:
         return {name: r.proc.pid for name, r in self.running.items()}
 
 
-def python() -> str:
-    return sys.executable
+def close_broker_connections(vhost: str) -> int:
+    """Close every AMQP connection of one vhost (as a network blip would). Returns how many."""
+    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    listed = subprocess.run([exe, "-q", "list_connections", "pid", "vhost"], capture_output=True,
+                            text=True, timeout=60, check=True).stdout
+    pids = [line.split("\t")[0] for line in listed.splitlines()
+            if line.strip() and line.split("\t")[-1].strip() == vhost]
+    for pid in pids:
+        subprocess.run([exe, "-q", "close_connection", pid, "closed by a test"],
+                       capture_output=True, timeout=60)
+    return len(pids)
+
+
+def terminate_database_connections(database_url: str) -> int:
+    """pg_terminate_backend on every session of one database but ours. Returns how many."""
+    import psycopg
+
+    target = sa.make_url(database_url)
+    admin = target.set(drivername="postgresql", database="postgres")
+    with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()", (target.database,)).fetchall()
+    return len(rows)

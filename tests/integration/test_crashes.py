@@ -1,0 +1,138 @@
+"""Process deaths at the points that matter, and duplicates: nothing lost, nothing applied twice.
+
+Every death here is a real SIGKILL of a real process (a fail point kills the process that reaches
+it, as SIGKILL would; the harness kills whole process groups).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from models.db import transaction
+from orchestrator.celery_app import app as celery_app
+from orchestrator.client import Api
+from orchestrator.harness import Processes
+from orchestrator.messages import ReplyOutcome, ReplyPayload, make_reply, parse_command
+from tests.integration.helpers import make_product, order_body, place, product, wait_final
+
+
+def arm(point: str) -> Path:
+    marker = Path(os.environ["SAGA_FAILPOINTS_DIR"]) / point
+    marker.touch()
+    return marker
+
+
+def wait_until(check, timeout_s: float = 30, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def effects(saga_id: str) -> dict[str, int]:
+    with transaction() as session:
+        row = session.execute(sa.text(
+            "SELECT (SELECT count(*) FROM reservations WHERE saga_id = :s),"
+            "       (SELECT count(*) FROM charges WHERE saga_id = :s)"), {"s": saga_id}).one()
+    return {"reservations": row[0], "charges": row[1]}
+
+
+def test_orchestrator_killed_after_commit_before_the_command_is_sent(
+    api: Api, system: Processes
+) -> None:
+    """The relay is down, so nothing the orchestrator commits gets sent; then the orchestrator dies
+    right after committing a transition. After both restart, the saga completes, once."""
+    sku = make_product(stock=5)
+    system.kill("relay")
+    marker = arm("orchestrator.after_commit")
+    placed = place(api, order_body(sku, quantity=2))
+    system.start("relay")  # publishes the first command; the reserve reply kills the orchestrator
+    wait_until(lambda: not marker.exists(), what="the fail point to fire")
+    system.kill("relay")  # the charge command stays committed but unsent
+    system.restart("orchestrator")
+    system.start("relay")
+    view = wait_final(api, placed["order_id"])
+    assert (view["status"], view["saga"]["state"]) == ("confirmed", "completed")
+    assert effects(placed["saga_id"]) == {"reservations": 1, "charges": 1}
+    assert product(sku) == {"available": 3, "reserved": 0, "sold": 2}
+
+
+def test_relay_killed_after_publishing_before_marking_sent_duplicates_harmlessly(
+    api: Api, system: Processes
+) -> None:
+    sku = make_product(stock=5, price_cents=300)
+    marker = arm("relay.after_publish")
+    placed = place(api, order_body(sku, quantity=1))
+    wait_until(lambda: not marker.exists(), what="the relay fail point to fire")
+    wait_until(lambda: not system.alive("relay"), what="the relay to die")
+    system.start("relay")  # publishes the same rows again
+    view = wait_final(api, placed["order_id"])
+    assert view["status"] == "confirmed"
+    assert effects(placed["saga_id"]) == {"reservations": 1, "charges": 1}
+    assert product(sku) == {"available": 4, "reserved": 0, "sold": 1}
+    with transaction() as session:
+        total = session.scalar(sa.text("SELECT sum(amount_cents) FROM charges WHERE saga_id = :s"),
+                               {"s": placed["saga_id"]})
+    assert total == 300
+
+
+def test_the_sweeper_sends_what_the_relay_left_unsent(api: Api, system: Processes) -> None:
+    sku = make_product(stock=5)
+    system.kill("relay")
+    placed = place(api, order_body(sku))
+    view = wait_final(api, placed["order_id"], timeout_s=30)  # beat's sweep publishes stale rows
+    assert view["status"] == "confirmed"
+    system.start("relay")
+
+
+def test_the_orchestrator_killed_mid_run_loses_no_saga(api: Api, system: Processes) -> None:
+    sku = make_product(stock=100)
+    placed = [place(api, order_body(sku)) for _ in range(20)]
+    time.sleep(0.3)
+    system.restart("orchestrator")
+    views = api.wait_final([p["order_id"] for p in placed], timeout_s=60)
+    assert {v["status"] for v in views.values()} == {"confirmed"}
+    assert product(sku)["sold"] == 20
+
+
+def test_a_reply_delivered_twice_makes_one_transition(api: Api, system: Processes) -> None:
+    sku = make_product(stock=5)
+    placed = place(api, order_body(sku))
+    before = wait_final(api, placed["order_id"])
+    with transaction() as session:
+        envelope = session.scalar(sa.text(
+            "SELECT envelope FROM outbox WHERE saga_id = :s AND task = 'inventory.reserve'"),
+            {"s": placed["saga_id"]})
+    command = parse_command(envelope)
+    reply = make_reply(command, 1, ReplyPayload(outcome=ReplyOutcome.SUCCEEDED))
+    failed = make_reply(command, 1, ReplyPayload(outcome=ReplyOutcome.FAILED, reason="out_of_stock"))
+    for duplicate in (reply, reply, failed):
+        celery_app.send_task("saga.reply", args=[duplicate])
+    time.sleep(2)
+    after = api.order(placed["order_id"])
+    assert after["saga"] == before["saga"]
+    assert after["status"] == "confirmed"
+
+
+def test_a_worker_killed_while_busy_finishes_every_saga_once(api: Api, system: Processes) -> None:
+    sku = make_product(stock=100)
+    placed = [place(api, order_body(sku, token="tok_visa")) for _ in range(15)]
+    time.sleep(0.2)
+    system.restart("payment")
+    views = api.wait_final([p["order_id"] for p in placed], timeout_s=90)
+    assert {v["status"] for v in views.values()} == {"confirmed"}
+    for p in placed:
+        assert effects(p["saga_id"]) == {"reservations": 1, "charges": 1}
+    assert product(sku) == {"available": 85, "reserved": 0, "sold": 15}
+
+
+def test_unknown_order_ids_are_random_uuids(api: Api) -> None:
+    response = api.session.get(f"{api.url}/orders/{uuid.uuid4()}", headers={"Accept": "application/json"})
+    assert response.status_code == 404
