@@ -83,8 +83,12 @@ class Report:
         return not self.violations
 
     def as_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checked": self.checked, "violations": self.violations,
-                "orphan_dead_letters": self.orphans}
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "violations": self.violations,
+            "orphan_dead_letters": self.orphans,
+        }
 
 
 def run(grace_s: float | None = None) -> Report:
@@ -99,9 +103,13 @@ def run(grace_s: float | None = None) -> Report:
         for number, sql in CHECKS.items():
             params = {"grace": grace} if number == 6 else {}
             for order_id, detail in session.execute(sa.text(sql), params):
-                report.violations.append({"invariant": number,
-                                          "order_id": str(order_id) if order_id else None,
-                                          "detail": detail})
+                report.violations.append(
+                    {
+                        "invariant": number,
+                        "order_id": str(order_id) if order_id else None,
+                        "detail": detail,
+                    }
+                )
         report.orphans = [
             {"id": i, "queue": q, "reason": r} for i, q, r in session.execute(sa.text(ORPHANS))
         ]

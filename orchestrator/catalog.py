@@ -26,11 +26,20 @@ def seed() -> int:
     with transaction() as session:
         created = session.execute(
             insert(Product)
-            .values([
-                {"sku": sku, "name": name, "price_cents": price, "available": stock,
-                 "reserved": 0, "sold": 0, "stock_total": stock}
-                for sku, name, price, stock in DEMO_PRODUCTS
-            ])
+            .values(
+                [
+                    {
+                        "sku": sku,
+                        "name": name,
+                        "price_cents": price,
+                        "available": stock,
+                        "reserved": 0,
+                        "sold": 0,
+                        "stock_total": stock,
+                    }
+                    for sku, name, price, stock in DEMO_PRODUCTS
+                ]
+            )
             .on_conflict_do_nothing(index_elements=["sku"])
             .returning(Product.sku)
         ).all()
@@ -45,8 +54,9 @@ def restock(sku: str, quantity: int) -> int:
         available = session.scalar(
             sa.update(Product)
             .where(Product.sku == sku)
-            .values(available=Product.available + quantity,
-                    stock_total=Product.stock_total + quantity)
+            .values(
+                available=Product.available + quantity, stock_total=Product.stock_total + quantity
+            )
             .returning(Product.available)
         )
     if available is None:

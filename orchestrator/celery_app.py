@@ -15,8 +15,9 @@ from orchestrator.config import settings
 from orchestrator.topology import SERVICE_QUEUES, TASK_EXCHANGE, queue_for_task
 
 
-def _route(name: str, args: object, kwargs: object, options: object, task: object = None,
-           **kw: object) -> dict[str, str]:
+def _route(
+    name: str, args: object, kwargs: object, options: object, task: object = None, **kw: object
+) -> dict[str, str]:
     queue = queue_for_task(name)
     return {"queue": queue, "exchange": TASK_EXCHANGE.name, "routing_key": queue}
 
@@ -50,7 +51,11 @@ def create_celery() -> Celery:
         worker_send_task_events=False,
         task_send_sent_event=False,
         beat_schedule={
-            "sweep": {"task": "saga.sweep", "schedule": cfg.sweep_s, "options": {"expires": cfg.sweep_s * 2}},
+            "sweep": {
+                "task": "saga.sweep",
+                "schedule": cfg.sweep_s,
+                "options": {"expires": cfg.sweep_s * 2},
+            },
         },
     )
     return app

@@ -56,7 +56,9 @@ def seed() -> None:
     from orchestrator import catalog
 
     created = catalog.seed()
-    click.echo(f"seeded: {created} product(s) created, {len(catalog.DEMO_PRODUCTS) - created} already there")
+    click.echo(
+        f"seeded: {created} product(s) created, {len(catalog.DEMO_PRODUCTS) - created} already there"
+    )
 
 
 @main.command()
@@ -93,11 +95,27 @@ def web(port: int | None, dev: bool) -> None:
     create_app()  # fail fast (e.g. production without secrets) before forking workers
     workers = os.environ.get("SAGA_WEB_WORKERS", "2")
     threads = os.environ.get("SAGA_WEB_THREADS", "8")
-    os.execvp(sys.executable, [
-        sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", workers, "--threads", threads,
-        "-b", f"0.0.0.0:{port}", "--graceful-timeout", "20", "--access-logfile", "-",
-        "web:create_app()",
-    ])
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-k",
+            "gthread",
+            "-w",
+            workers,
+            "--threads",
+            threads,
+            "-b",
+            f"0.0.0.0:{port}",
+            "--graceful-timeout",
+            "20",
+            "--access-logfile",
+            "-",
+            "web:create_app()",
+        ],
+    )
 
 
 @main.command()
@@ -136,10 +154,21 @@ def beat() -> None:
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True)
     schedule = os.environ.get("SAGA_BEAT_SCHEDULE") or str(folder / f"beat-schedule-{os.getpid()}")
-    os.execvp(sys.executable, [
-        sys.executable, "-m", "celery", "-A", "orchestrator.celery_app", "beat",
-        "--schedule", schedule, "--loglevel", "INFO",
-    ])
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "orchestrator.celery_app",
+            "beat",
+            "--schedule",
+            schedule,
+            "--loglevel",
+            "INFO",
+        ],
+    )
 
 
 @main.command()
@@ -215,8 +244,15 @@ def dlq_list(as_json: bool, show_all: bool) -> None:
 
     with transaction() as session:
         rows = [
-            {"id": d.id, "saga_id": str(d.saga_id) if d.saga_id else None, "step": d.step,
-             "queue": d.queue, "reason": d.reason, "at": d.at.isoformat(), "state": d.state.value}
+            {
+                "id": d.id,
+                "saga_id": str(d.saga_id) if d.saga_id else None,
+                "step": d.step,
+                "queue": d.queue,
+                "reason": d.reason,
+                "at": d.at.isoformat(),
+                "state": d.state.value,
+            }
             for d in deadletters.list_letters(session, limit=1000)
             if show_all or d.state.value == "dead"
         ]
@@ -224,8 +260,10 @@ def dlq_list(as_json: bool, show_all: bool) -> None:
         _print_json({"dead_letters": rows})
         return
     for r in rows:
-        click.echo(f"{r['id']:>6} {r['state']:<9} {r['queue']:<18} {r['step'] or '?':<20} "
-                   f"saga {r['saga_id'] or 'orphan'}  {r['reason']}")
+        click.echo(
+            f"{r['id']:>6} {r['state']:<9} {r['queue']:<18} {r['step'] or '?':<20} "
+            f"saga {r['saga_id'] or 'orphan'}  {r['reason']}"
+        )
     click.echo(f"{len(rows)} dead letter(s)")
 
 
@@ -239,7 +277,11 @@ def _dlq_act(verb: str, letter_id: int) -> None:
         _fail(f"no dead letter {letter_id}")
     except deadletters.DeadLetterResolved as exc:
         _fail(str(exc), code=1)
-    click.echo(f"dead letter {letter_id} {verb}ed" if verb == "replay" else f"dead letter {letter_id} discarded")
+    click.echo(
+        f"dead letter {letter_id} {verb}ed"
+        if verb == "replay"
+        else f"dead letter {letter_id} discarded"
+    )
 
 
 @dlq.command("replay")
@@ -257,8 +299,7 @@ def dlq_discard(letter_id: int) -> None:
 
 
 @main.command()
-@click.option("--older-than", "days", type=click.FloatRange(min=0), required=True,
-              help="days")
+@click.option("--older-than", "days", type=click.FloatRange(min=0), required=True, help="days")
 @click.option("--json", "as_json", is_flag=True)
 def prune(days: float, as_json: bool) -> None:
     """Delete sent outbox rows, resolved dead letters and idempotency keys older than DAYS."""
@@ -269,6 +310,77 @@ def prune(days: float, as_json: bool) -> None:
         _print_json(removed)
     else:
         click.echo(", ".join(f"{k}: {v} removed" for k, v in removed.items()))
+
+
+@main.command()
+@click.option(
+    "--duration",
+    "duration_s",
+    type=click.FloatRange(min=5),
+    default=60,
+    show_default=True,
+    help="seconds of load and faults",
+)
+@click.option("--seed", type=int, default=None, help="the schedule's seed (default: random)")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="orders per second, all threads together",
+)
+@click.option("--threads", type=click.IntRange(1, 32), default=3, show_default=True)
+@click.option(
+    "--allow-broker-restart",
+    is_flag=True,
+    help="restart RabbitMQ once (runs of 300s or more; every broker user feels it)",
+)
+@click.option("--drain-timeout", "drain_timeout_s", type=float, default=180, show_default=True)
+@click.option(
+    "--log-dir", type=click.Path(file_okay=False), default=None, help="default: ./artifacts/chaos"
+)
+@click.option("--keep", is_flag=True, help="keep the sandbox database and vhost")
+@click.option("--json", "as_json", is_flag=True)
+def chaos(as_json: bool, **options: Any) -> None:
+    """Run the system in a sandbox under load, kills and faults; check every invariant after."""
+    from orchestrator import chaos as chaos_mod
+
+    report = chaos_mod.run(chaos_mod.Options(**options), say=lambda m: click.echo(m, err=True))
+    if as_json:
+        _print_json(report)
+    else:
+        click.echo(chaos_mod.render(report))
+    sys.exit(0 if report["ok"] else 1)
+
+
+@main.command()
+@click.option("-n", "--count", "n", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--mode", type=click.Choice(["http", "direct"]), default="http", show_default=True,
+              help="direct: place_order in-process from threads (no web)")
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="orders per second, paced (default: as fast as --concurrency allows)")
+@click.option("--url", default=None, help="a running system (default: a fresh sandbox)")
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--timeout", "timeout_s", type=float, default=300, show_default=True)
+@click.option("--raw/--no-raw", default=True, help="run the raw Celery baseline too")
+@click.option("--idle-window", "idle_s", type=float, default=10, show_default=True,
+              help="seconds idle to measure background commits")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
+              help="py-spy each process during the saga phase into DIR")
+@click.option("--profile-idle", is_flag=True, help="profile wall time (py-spy --idle)")
+@click.option("--keep-logs", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(as_json: bool, **options: Any) -> None:
+    """Saga throughput and latency against a raw Celery chain, in one run."""
+    from orchestrator import bench as bench_mod
+
+    report = bench_mod.run(bench_mod.Options(**options), say=lambda m: click.echo(m, err=True))
+    if as_json:
+        _print_json(report)
+    else:
+        click.echo(bench_mod.render(report))
+    sys.exit(0 if report["ok"] else 1)
 
 
 if __name__ == "__main__":

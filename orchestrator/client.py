@@ -26,14 +26,17 @@ class Api:
         return self.session.post(f"{self.url}/orders", json=body, headers=headers, timeout=30)
 
     def order(self, order_id: str) -> dict[str, Any]:
-        r = self.session.get(f"{self.url}/orders/{order_id}",
-                             headers={"Accept": "application/json"}, timeout=30)
+        r = self.session.get(
+            f"{self.url}/orders/{order_id}", headers={"Accept": "application/json"}, timeout=30
+        )
         r.raise_for_status()
         data: dict[str, Any] = r.json()
         return data
 
     def wait_final(
-        self, order_ids: Iterable[str], timeout_s: float,
+        self,
+        order_ids: Iterable[str],
+        timeout_s: float,
         progress: Callable[[int, int], None] | None = None,
         final: Callable[[dict[str, Any]], bool] | None = None,
     ) -> dict[str, dict[str, Any]]:

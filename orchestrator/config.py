@@ -36,7 +36,8 @@ def _int(name: str, default: int) -> int:
 def state_dir() -> Path:
     """Where development secrets live, shared by every process of one user."""
     base = os.environ.get("SAGA_STATE_DIR") or os.path.join(
-        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "saga-orchestrator"
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"),
+        "saga-orchestrator",
     )
     return Path(base)
 

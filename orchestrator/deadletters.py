@@ -7,6 +7,7 @@ message is acked only after its row committed; a redelivered copy is recognised 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,14 +28,21 @@ from models.enums import DeadLetterState, Reason
 from orchestrator import engine
 from orchestrator.config import settings
 from orchestrator.masking import mask_text
-from orchestrator.topology import DEAD_LETTER_QUEUES, TASK_EXCHANGE
+from orchestrator.topology import DEAD_LETTER_QUEUES, TASK_EXCHANGE, declare_all
 
 log = logging.getLogger(__name__)
 
 # Headers RabbitMQ adds when it dead-letters; a replay starts the message's life afresh.
-_DEATH_HEADERS = ("x-death", "x-first-death-queue", "x-first-death-reason",
-                  "x-first-death-exchange", "x-last-death-queue", "x-last-death-reason",
-                  "x-last-death-exchange", "x-delivery-count")
+_DEATH_HEADERS = (
+    "x-death",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-first-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-last-death-exchange",
+    "x-delivery-count",
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,12 @@ def identify(body: bytes, headers: dict[str, Any]) -> Identified:
         )
     except Exception as exc:  # poison: anything at all may be in there
         saga = _uuid_or_none(headers.get("saga_id"))
-        return Identified(saga, headers.get("task"), _uuid_or_none(headers.get("request_id")),
-                          f"undecodable body ({type(exc).__name__})")
+        return Identified(
+            saga,
+            headers.get("task"),
+            _uuid_or_none(headers.get("request_id")),
+            f"undecodable body ({type(exc).__name__})",
+        )
 
 
 def _uuid_or_none(value: Any) -> uuid.UUID | None:
@@ -93,8 +105,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def take_in(
-    queue: str, body: bytes, headers: dict[str, Any], properties: dict[str, Any],
-    exchange: str, routing_key: str,
+    queue: str,
+    body: bytes,
+    headers: dict[str, Any],
+    properties: dict[str, Any],
+    exchange: str,
+    routing_key: str,
 ) -> int | None:
     """Record one dead message and tell the engine; returns the row id (None: seen before)."""
     who = identify(body, headers)
@@ -128,25 +144,41 @@ def take_in(
         saga = engine.lock_saga(session, who.saga_id)
         if saga is None or who.command.endswith(".reply"):
             return row_id
-        try:
-            engine.on_exhausted(session, saga, who.command, who.request_id, reason,
-                                cause="step.dead_lettered", reason=Reason.RETRIES_EXHAUSTED)
-        except KeyError:  # a command this saga's definition does not know
-            pass
+        # KeyError: a command this saga's definition does not know (forged or foreign).
+        with contextlib.suppress(KeyError):
+            engine.on_exhausted(
+                session,
+                saga,
+                who.command,
+                who.request_id,
+                reason,
+                cause="step.dead_lettered",
+                reason=Reason.RETRIES_EXHAUSTED,
+            )
         return row_id
 
     row_id = run_in_transaction(work)
-    log.warning("dead letter from %s: %s", source_queue, reason,
-                extra={"saga_id": str(who.saga_id) if who.saga_id else None})
+    log.warning(
+        "dead letter from %s: %s",
+        source_queue,
+        reason,
+        extra={"saga_id": str(who.saga_id) if who.saga_id else None},
+    )
     return row_id
 
 
-class DeadLetterIntake(bootsteps.ConsumerStep):  # type: ignore[misc]
+class DeadLetterIntake(bootsteps.ConsumerStep):
     """A consumer in the orchestrator worker that drains every dead-letter queue."""
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
-        return [Consumer(channel, queues=list(DEAD_LETTER_QUEUES.values()),
-                         on_message=self.on_message, prefetch_count=10)]
+        return [
+            Consumer(
+                channel,
+                queues=list(DEAD_LETTER_QUEUES.values()),
+                on_message=self.on_message,
+                prefetch_count=10,
+            )
+        ]
 
     def on_message(self, message: Any) -> None:
         info = message.delivery_info
@@ -154,8 +186,14 @@ class DeadLetterIntake(bootsteps.ConsumerStep):  # type: ignore[misc]
         properties = {k: v for k, v in message.properties.items() if k != "application_headers"}
         body = message.body if isinstance(message.body, bytes) else message.body.encode()
         try:
-            take_in(queue, body, dict(message.headers or {}), properties,
-                    info.get("exchange", ""), queue)
+            take_in(
+                queue,
+                body,
+                dict(message.headers or {}),
+                properties,
+                info.get("exchange", ""),
+                queue,
+            )
         except Exception:
             log.exception("dead letter intake failed; the message stays queued")
             time.sleep(1)  # the database is likely down: do not spin on the same message
@@ -193,9 +231,16 @@ def replay(letter_id: int, actor: str) -> None:
     with transaction() as session:
         letter = _load_dead(session, letter_id)
         headers = {k: v for k, v in letter.headers.items() if k not in _DEATH_HEADERS}
-        props = {k: v for k, v in letter.properties.items() if k in ("content_type", "content_encoding", "correlation_id", "priority", "delivery_mode")}
+        props = {
+            k: v
+            for k, v in letter.properties.items()
+            if k
+            in ("content_type", "content_encoding", "correlation_id", "priority", "delivery_mode")
+        }
         body, routing_key = letter.body, letter.routing_key
     with Connection(settings().broker_url, transport_options={"confirm_publish": True}) as conn:
+        # Declared first: an undeclared exchange fails the publish, a missing queue drops it.
+        declare_all(conn.default_channel)
         producer = Producer(conn.default_channel)
         producer.publish(
             body,
@@ -224,8 +269,14 @@ def _resolve(letter_id: int, state: DeadLetterState, actor: str) -> None:
         if letter.saga_id is not None:
             saga = engine.lock_saga(session, letter.saga_id)
             if saga is not None:
-                engine.record(session, saga, f"dead_letter.{state.value}", step=letter.step,
-                              actor=actor, detail=f"dead letter {letter_id}")
+                engine.record(
+                    session,
+                    saga,
+                    f"dead_letter.{state.value}",
+                    step=letter.step,
+                    actor=actor,
+                    detail=f"dead letter {letter_id}",
+                )
 
 
 def body_preview(letter: DeadLetter, limit: int = 4000) -> str:

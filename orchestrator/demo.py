@@ -10,14 +10,32 @@ from orchestrator.client import Api
 
 # (label, order body, what should happen)
 SCENARIOS: tuple[tuple[str, dict[str, Any], str], ...] = (
-    ("happy path", {"items": [{"sku": "SKU-APPLE", "quantity": 2}],
-                    "payment": {"card_token": "tok_visa"}}, "confirmed"),
-    ("two lines", {"items": [{"sku": "SKU-BANANA", "quantity": 3}, {"sku": "SKU-PEAR", "quantity": 1}],
-                   "payment": {"card_token": "tok_visa"}}, "confirmed"),
-    ("out of stock", {"items": [{"sku": "SKU-CHERRY", "quantity": 1000}],
-                      "payment": {"card_token": "tok_visa"}}, "cancelled/out_of_stock"),
-    ("card declined", {"items": [{"sku": "SKU-APPLE", "quantity": 1}],
-                       "payment": {"card_token": "tok_chargeDeclined"}}, "cancelled/payment_declined"),
+    (
+        "happy path",
+        {"items": [{"sku": "SKU-APPLE", "quantity": 2}], "payment": {"card_token": "tok_visa"}},
+        "confirmed",
+    ),
+    (
+        "two lines",
+        {
+            "items": [{"sku": "SKU-BANANA", "quantity": 3}, {"sku": "SKU-PEAR", "quantity": 1}],
+            "payment": {"card_token": "tok_visa"},
+        },
+        "confirmed",
+    ),
+    (
+        "out of stock",
+        {"items": [{"sku": "SKU-CHERRY", "quantity": 1000}], "payment": {"card_token": "tok_visa"}},
+        "cancelled/out_of_stock",
+    ),
+    (
+        "card declined",
+        {
+            "items": [{"sku": "SKU-APPLE", "quantity": 1}],
+            "payment": {"card_token": "tok_chargeDeclined"},
+        },
+        "cancelled/payment_declined",
+    ),
 )
 
 
@@ -48,15 +66,30 @@ def run(url: str, count: int, timeout_s: float, say: Any, as_json: bool) -> dict
     for order_id, label, expected in placed:
         view = views[order_id]
         got = view["status"] + (f"/{view['reason']}" if view["reason"] else "")
-        results.append({"order_id": order_id, "scenario": label, "expected": expected,
-                        "outcome": got, "as_expected": got == expected})
+        results.append(
+            {
+                "order_id": order_id,
+                "scenario": label,
+                "expected": expected,
+                "outcome": got,
+                "as_expected": got == expected,
+            }
+        )
         if not as_json:
             mark = "ok " if got == expected else "!! "
             say(f"{mark}{order_id}  {label:<14} -> {got}")
     tally = Counter(r["outcome"].split("/")[0] for r in results)
-    summary = {"orders": count, "seconds": round(elapsed, 2), "outcomes": dict(tally),
-               "as_expected": sum(r["as_expected"] for r in results), "results": results}
+    summary = {
+        "orders": count,
+        "seconds": round(elapsed, 2),
+        "outcomes": dict(tally),
+        "as_expected": sum(r["as_expected"] for r in results),
+        "results": results,
+    }
     if not as_json:
-        say(f"{count} orders in {elapsed:.1f}s: " + ", ".join(f"{k} {v}" for k, v in tally.items())
-            + f"; {summary['as_expected']}/{count} as expected")
+        say(
+            f"{count} orders in {elapsed:.1f}s: "
+            + ", ".join(f"{k} {v}" for k, v in tally.items())
+            + f"; {summary['as_expected']}/{count} as expected"
+        )
     return summary

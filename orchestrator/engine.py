@@ -187,8 +187,9 @@ def record(
     actor: str | None = None,
 ) -> None:
     session.add(
-        SagaEvent(saga_id=saga.id, event=event, step=step, attempt=attempt, detail=detail,
-                  actor=actor)
+        SagaEvent(
+            saga_id=saga.id, event=event, step=step, attempt=attempt, detail=detail, actor=actor
+        )
     )
 
 
@@ -251,11 +252,22 @@ def _persist(
             if new.comp_status in (CompensationStatus.SUCCEEDED, CompensationStatus.PARKED):
                 row.comp_finished_at, row.deadline_at = now, None
             if new.comp_status is CompensationStatus.SUCCEEDED:
-                record(session, saga, "compensation.succeeded", step=row.compensation,
-                       attempt=row.comp_attempts)
+                record(
+                    session,
+                    saga,
+                    "compensation.succeeded",
+                    step=row.compensation,
+                    attempt=row.comp_attempts,
+                )
             elif new.comp_status is CompensationStatus.PARKED:
-                record(session, saga, "compensation.parked", step=row.compensation,
-                       attempt=row.comp_attempts, detail="waiting for an operator")
+                record(
+                    session,
+                    saga,
+                    "compensation.parked",
+                    step=row.compensation,
+                    attempt=row.comp_attempts,
+                    detail="waiting for an operator",
+                )
     saga.current_step = after.current
     saga.reason = after.reason
     saga.updated_at = now
@@ -279,7 +291,9 @@ def _order_follows(session: Session, saga: Saga, state: SagaState, now: datetime
         return
     session.execute(
         sa.update(Order)
-        .where(Order.id == saga.order_id, Order.status.in_([OrderStatus.PENDING, OrderStatus.FAILED]))
+        .where(
+            Order.id == saga.order_id, Order.status.in_([OrderStatus.PENDING, OrderStatus.FAILED])
+        )
         .values(updated_at=now, **values)
     )
 
@@ -365,8 +379,14 @@ def on_reply(
     if outcome is ReplyOutcome.RETRYING:
         delay = retry_in_s or 0.0
         record(session, saga, f"{prefix}.failed", step=command, attempt=attempt, detail=error)
-        record(session, saga, "step.retried", step=command, attempt=attempt + 1,
-               detail=f"next attempt in {delay:.2f}s")
+        record(
+            session,
+            saga,
+            "step.retried",
+            step=command,
+            attempt=attempt + 1,
+            detail=f"next attempt in {delay:.2f}s",
+        )
         _set_error(row, kind, error)
         if kind == "action":
             row.attempts = max(row.attempts, attempt + 1)
@@ -389,8 +409,14 @@ def on_reply(
 
 
 def on_exhausted(
-    session: Session, saga: Saga, command: str, request_id: uuid.UUID | None, why: str,
-    *, cause: str, reason: Reason,
+    session: Session,
+    saga: Saga,
+    command: str,
+    request_id: uuid.UUID | None,
+    why: str,
+    *,
+    cause: str,
+    reason: Reason,
 ) -> bool:
     """The step or compensation gave up (dead-lettered, or past its deadline with no budget left).
 
@@ -446,8 +472,14 @@ def operator_action(
             raise NotApplicable(f"only a running saga can be compensated (it is {saga.state})")
         record(session, saga, "operator.compensate", actor=actor, detail=note)
         current = saga.steps[saga.current_step]
-        record(session, saga, "step.failed", step=current.name, attempt=current.attempts,
-               detail="aborted by operator")
+        record(
+            session,
+            saga,
+            "step.failed",
+            step=current.name,
+            attempt=current.attempts,
+            detail="aborted by operator",
+        )
         transition(session, saga, OperatorCompensate())
     else:
         raise ValueError(f"unknown action {action!r}")
@@ -469,18 +501,38 @@ def on_deadline(session: Session, saga: Saga, now: datetime) -> str | None:
     assert command is not None
     request_id = row.request_id if kind == "action" else row.comp_request_id
     if kind == "action" and saga.deadline_at < now:
-        on_exhausted(session, saga, command, request_id, "the saga's deadline passed",
-                     cause="step.timed_out", reason=Reason.TIMEOUT)
+        on_exhausted(
+            session,
+            saga,
+            command,
+            request_id,
+            "the saga's deadline passed",
+            cause="step.timed_out",
+            reason=Reason.TIMEOUT,
+        )
         return "saga deadline"
     if row.deadline_at is None or row.deadline_at >= now:
         return None
     attempts = row.attempts if kind == "action" else row.comp_attempts
     if attempts < retry_policy(definition, index, kind).attempts:
-        record(session, saga, "step.timed_out", step=command, attempt=attempts,
-               detail="no reply before the deadline; sending again")
+        record(
+            session,
+            saga,
+            "step.timed_out",
+            step=command,
+            attempt=attempts,
+            detail="no reply before the deadline; sending again",
+        )
         _dispatch(session, saga, definition, [Dispatch(index, kind, fresh=False)], now)
         saga.updated_at = now
         return "re-sent"
-    on_exhausted(session, saga, command, request_id, "no reply before the deadline, no attempts left",
-                 cause="step.timed_out", reason=Reason.TIMEOUT)
+    on_exhausted(
+        session,
+        saga,
+        command,
+        request_id,
+        "no reply before the deadline, no attempts left",
+        cause="step.timed_out",
+        reason=Reason.TIMEOUT,
+    )
     return "gave up"

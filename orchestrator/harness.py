@@ -8,6 +8,7 @@ and restart any of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -77,14 +78,19 @@ class Sandbox:
         """Migrate and seed, in a child process so this one's cached settings stay untouched."""
         env = self.env()
         for args in (("db", "upgrade"), ("seed",)):
-            result = subprocess.run(sagactl(*args), env=env, capture_output=True, text=True,
-                                    timeout=120)
+            result = subprocess.run(
+                sagactl(*args), env=env, capture_output=True, text=True, timeout=120
+            )
             if result.returncode != 0:
                 raise ServiceMissing(f"sagactl {' '.join(args)}: {result.stderr.strip()[-2000:]}")
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, "DATABASE_URL": self.database_url, "BROKER_URL": self.broker_url,
-                **extra}
+        return {
+            **os.environ,
+            "DATABASE_URL": self.database_url,
+            "BROKER_URL": self.broker_url,
+            **extra,
+        }
 
     def destroy(self) -> None:
         from orchestrator.database import drop_database
@@ -144,11 +150,20 @@ class Processes:
         log = self.log_dir / f"{name.replace('#', '-')}.log"
         offset = log.stat().st_size if log.exists() else 0
         handle = open(log, "ab")  # noqa: SIM115 (the child owns it)
-        proc_env = self.box.env(SAGA_PROCESS=name, PORT=str(self.port),
-                                SAGA_BEAT_SCHEDULE=str(self.log_dir / f"beat-{name}.db"),
-                                **self.extra_env, **env)
-        proc = subprocess.Popen(self._argv(name), env=proc_env, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc_env = self.box.env(
+            SAGA_PROCESS=name,
+            PORT=str(self.port),
+            SAGA_BEAT_SCHEDULE=str(self.log_dir / f"beat-{name}.db"),
+            **self.extra_env,
+            **env,
+        )
+        proc = subprocess.Popen(
+            self._argv(name),
+            env=proc_env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         handle.close()
         running = Running(name, proc, log, offset)
         self.running[name] = running
@@ -162,8 +177,9 @@ class Processes:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if running.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {running.proc.returncode}:\n"
-                                   + self.tail(name))
+                raise RuntimeError(
+                    f"{name} exited with {running.proc.returncode}:\n" + self.tail(name)
+                )
             if base == "web":
                 try:
                     if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
@@ -204,15 +220,13 @@ class Processes:
         """Kill the whole process group, as a machine losing the process would."""
         running = self.running[name]
         if running.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(running.proc.pid, sig)
-            except ProcessLookupError:
-                pass
         running.proc.wait(timeout=60)
 
     def restart(self, name: str, sig: int = signal.SIGKILL, **env: str) -> None:
         self.kill(name, sig)
-        self.start(name, **env)
+        self.start(name, **env)  # type: ignore[arg-type]
 
     def alive(self, name: str) -> bool:
         return name in self.running and self.running[name].proc.poll() is None
@@ -220,10 +234,8 @@ class Processes:
     def stop_all(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
         for running in self.running.values():
             if running.proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(running.proc.pid, sig)
-                except ProcessLookupError:
-                    pass
         deadline = time.monotonic() + timeout_s
         for running in self.running.values():
             try:
@@ -239,13 +251,24 @@ class Processes:
 def close_broker_connections(vhost: str) -> int:
     """Close every AMQP connection of one vhost (as a network blip would). Returns how many."""
     exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    listed = subprocess.run([exe, "-q", "list_connections", "pid", "vhost"], capture_output=True,
-                            text=True, timeout=60, check=True).stdout
-    pids = [line.split("\t")[0] for line in listed.splitlines()
-            if line.strip() and line.split("\t")[-1].strip() == vhost]
+    listed = subprocess.run(
+        [exe, "-q", "list_connections", "pid", "vhost"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    pids = [
+        line.split("\t")[0]
+        for line in listed.splitlines()
+        if line.strip() and line.split("\t")[-1].strip() == vhost
+    ]
     for pid in pids:
-        subprocess.run([exe, "-q", "close_connection", pid, "closed by a test"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [exe, "-q", "close_connection", pid, "closed by a test"],
+            capture_output=True,
+            timeout=60,
+        )
     return len(pids)
 
 
@@ -258,5 +281,7 @@ def terminate_database_connections(database_url: str) -> int:
     with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
         rows = conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()", (target.database,)).fetchall()
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (target.database,),
+        ).fetchall()
     return len(rows)

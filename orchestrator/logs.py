@@ -19,12 +19,14 @@ from typing import Any
 from orchestrator.masking import mask_text
 
 FIELDS = ("saga_id", "order_id", "step", "request_id")
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("saga_log", default={})
+_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "saga_log", default=None
+)
 
 
 @contextmanager
 def log_context(**ids: Any) -> Iterator[None]:
-    merged = {**_context.get(), **{k: str(v) for k, v in ids.items() if v is not None}}
+    merged = {**(_context.get() or {}), **{k: str(v) for k, v in ids.items() if v is not None}}
     token = _context.set(merged)
     try:
         yield
@@ -34,7 +36,7 @@ def log_context(**ids: Any) -> Iterator[None]:
 
 class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        ids = _context.get()
+        ids = _context.get() or {}
         for field in FIELDS:
             if getattr(record, field, None) is None:
                 setattr(record, field, ids.get(field))

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.enums import Reason
 
-
 # The contract's injectable faults: transient:N, always, fail, crash, hang:S.
 FAULT = re.compile(
     r"^(transient:(?P<n>[1-9][0-9]{0,2})|always|fail|crash|hang:(?P<s>[0-9]{1,3}(\.[0-9]+)?))$"

@@ -9,6 +9,7 @@ rows unsent: they are published again, and the participants' idempotency makes t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import time
@@ -53,18 +54,16 @@ def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
 def backlog(session: Session, limit: int) -> int:
     """Unsent rows, counted up to ``limit + 1`` so the check stays cheap when the backlog is huge."""
     unsent = (
-        sa.select(sa.literal(1))
-        .where(OutboxMessage.sent_at.is_(None))
-        .limit(limit + 1)
-        .subquery()
+        sa.select(sa.literal(1)).where(OutboxMessage.sent_at.is_(None)).limit(limit + 1).subquery()
     )
     return int(session.scalar(sa.select(sa.func.count()).select_from(unsent)) or 0)
 
 
 def oldest_unsent_age_s(session: Session) -> float:
     age = session.scalar(
-        sa.select(sa.func.extract("epoch", sa.func.now() - sa.func.min(OutboxMessage.created_at)))
-        .where(OutboxMessage.sent_at.is_(None))
+        sa.select(
+            sa.func.extract("epoch", sa.func.now() - sa.func.min(OutboxMessage.created_at))
+        ).where(OutboxMessage.sent_at.is_(None))
     )
     return float(age or 0.0)
 
@@ -103,8 +102,11 @@ def to_wire(row: OutboxMessage) -> _Wire:
         "correlation_id": task_id,
         "priority": 0,
     }
-    return _Wire(body=body if isinstance(body, bytes) else body.encode(), properties=properties,
-                 routing_key=row.queue)
+    return _Wire(
+        body=body if isinstance(body, bytes) else body.encode(),
+        properties=properties,
+        routing_key=row.queue,
+    )
 
 
 class ConfirmingPublisher:
@@ -149,8 +151,9 @@ class ConfirmingPublisher:
         self._nacked.clear()
         for wire in wires:
             message = amqp.Message(wire.body, **wire.properties)
-            self._channel.basic_publish(message, exchange=TASK_EXCHANGE.name,
-                                        routing_key=wire.routing_key, mandatory=False)
+            self._channel.basic_publish(
+                message, exchange=TASK_EXCHANGE.name, routing_key=wire.routing_key, mandatory=False
+            )
             self._next_tag += 1
         last = self._next_tag - 1
         deadline = time.monotonic() + timeout_s
@@ -164,10 +167,8 @@ class ConfirmingPublisher:
 
     def close(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection: nothing to save
                 self._kombu.release()
-            except Exception:  # closing a dead connection: nothing to save
-                pass
         self._conn = None
         self._channel = None
 
@@ -232,10 +233,8 @@ def run_relay(stop: Any = None, poll_s: float = 1.0) -> None:
             log.exception("relay cycle failed; reconnecting")
             publisher.close()
             if listener is not None:
-                try:
+                with contextlib.suppress(Exception):
                     listener.close()
-                except Exception:
-                    pass
             listener = None
             time.sleep(0.5)
     publisher.close()

@@ -12,10 +12,11 @@ from celery.worker.consumer import Consumer
 log = logging.getLogger(__name__)
 
 
-class RejectingConsumer(Consumer):  # type: ignore[misc]
+class RejectingConsumer(Consumer):
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         log.error(
             "undecodable message rejected to the dead-letter queue: %s (content type %s)",
-            exc, message.content_type,
+            exc,
+            message.content_type,
         )
         message.reject(requeue=False)

@@ -39,9 +39,24 @@ def sagactl(*args: str) -> list[str]:
 def celery_worker_argv(name: str, concurrency: int, pool: str = "prefork") -> list[str]:
     module, queue = WORKERS[name]
     return [
-        sys.executable, "-m", "celery", "-A", module, "worker",
-        "-Q", queue, "-n", f"{name}@%h", "--concurrency", str(concurrency), "--pool", pool,
-        "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        module,
+        "worker",
+        "-Q",
+        queue,
+        "-n",
+        f"{name}@%h",
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "INFO",
     ]
 
 
@@ -68,8 +83,13 @@ class Supervisor:
     stopping: bool = field(default=False)
 
     @classmethod
-    def for_names(cls, names: Sequence[str], env: dict[str, str], port: int,
-                  say: Callable[[str], None] = print) -> Supervisor:
+    def for_names(
+        cls,
+        names: Sequence[str],
+        env: dict[str, str],
+        port: int,
+        say: Callable[[str], None] = print,
+    ) -> Supervisor:
         children = []
         for name in names:
             args = PROCESS_TABLE[name]
@@ -95,8 +115,11 @@ class Supervisor:
                 if child.proc is not None and child.proc.poll() is not None and not self.stopping:
                     code = child.proc.returncode
                     # Back off a process that keeps dying at start, so a broken one cannot spin.
-                    backoff = min(30.0, 2.0 ** min(child.restarts, 5)) if (
-                        time.monotonic() - child.started_at < 10) else 0.5
+                    backoff = (
+                        min(30.0, 2.0 ** min(child.restarts, 5))
+                        if (time.monotonic() - child.started_at < 10)
+                        else 0.5
+                    )
                     self.say(f"{child.name} exited with {code}; restarting in {backoff:.1f}s")
                     time.sleep(backoff)
                     child.restarts += 1

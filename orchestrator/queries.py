@@ -26,8 +26,14 @@ def _iso(value: datetime | None) -> str | None:
 def products(session: Session) -> list[dict[str, Any]]:
     rows = session.scalars(sa.select(Product).order_by(Product.sku))
     return [
-        {"sku": p.sku, "name": p.name, "price_cents": p.price_cents, "available": p.available,
-         "reserved": p.reserved, "sold": p.sold}
+        {
+            "sku": p.sku,
+            "name": p.name,
+            "price_cents": p.price_cents,
+            "available": p.available,
+            "reserved": p.reserved,
+            "sold": p.sold,
+        }
         for p in rows
     ]
 
@@ -49,16 +55,18 @@ def step_views(saga: Saga) -> list[dict[str, Any]]:
                 "started_at": _iso(row.comp_started_at),
                 "finished_at": _iso(row.comp_finished_at),
             }
-        views.append({
-            "name": row.name,
-            "status": row.status.value,
-            "attempts": row.attempts,
-            "started_at": _iso(row.started_at),
-            "finished_at": _iso(row.finished_at),
-            "error": row.error,
-            "deadline_at": _iso(row.deadline_at),
-            "compensation": compensation,
-        })
+        views.append(
+            {
+                "name": row.name,
+                "status": row.status.value,
+                "attempts": row.attempts,
+                "started_at": _iso(row.started_at),
+                "finished_at": _iso(row.finished_at),
+                "error": row.error,
+                "deadline_at": _iso(row.deadline_at),
+                "compensation": compensation,
+            }
+        )
     return views
 
 
@@ -67,8 +75,14 @@ def timeline(session: Session, saga_id: uuid.UUID) -> list[dict[str, Any]]:
         sa.select(SagaEvent).where(SagaEvent.saga_id == saga_id).order_by(SagaEvent.id)
     )
     return [
-        {"at": _iso(e.at), "event": e.event, "step": e.step, "attempt": e.attempt,
-         "detail": e.detail, "actor": e.actor}
+        {
+            "at": _iso(e.at),
+            "event": e.event,
+            "step": e.step,
+            "attempt": e.attempt,
+            "detail": e.detail,
+            "actor": e.actor,
+        }
         for e in events
     ]
 
@@ -158,9 +172,11 @@ def list_sagas(
     session: Session, state: str | None, q: str | None, cursor: Cursor | None
 ) -> tuple[list[dict[str, Any]], Cursor | None]:
     """Newest first, PAGE_SIZE a page, keyset-paginated on (created_at, id)."""
-    current = sa.select(SagaStep.name).where(
-        SagaStep.saga_id == Saga.id, SagaStep.idx == Saga.current_step
-    ).scalar_subquery()
+    current = (
+        sa.select(SagaStep.name)
+        .where(SagaStep.saga_id == Saga.id, SagaStep.idx == Saga.current_step)
+        .scalar_subquery()
+    )
     query = sa.select(Saga, current.label("current_name"), _current_deadline().label("deadline"))
     if state == "stuck":
         query = query.where(_stuck_clause())
@@ -173,7 +189,9 @@ def list_sagas(
             return [], None
         query = query.where(sa.or_(Saga.id == ident, Saga.order_id == ident))
     if cursor:
-        query = query.where(sa.tuple_(Saga.created_at, Saga.id) < (cursor.created_at, cursor.saga_id))
+        query = query.where(
+            sa.tuple_(Saga.created_at, Saga.id) < (cursor.created_at, cursor.saga_id)
+        )
     query = query.order_by(Saga.created_at.desc(), Saga.id.desc()).limit(PAGE_SIZE + 1)
     rows = session.execute(query).all()
     now = engine.utcnow()
@@ -204,13 +222,15 @@ def saga_detail(session: Session, saga_id: uuid.UUID) -> dict[str, Any] | None:
     order = session.get(Order, saga.order_id)
     assert order is not None
     view = saga_view(session, saga)
-    view.update({
-        "order_id": str(saga.order_id),
-        "order_status": order.status.value,
-        "customer_id": order.customer_id,
-        "reason": saga.reason.value if saga.reason else None,
-        "created_at": _iso(saga.created_at),
-        "updated_at": _iso(saga.updated_at),
-        "current_step": saga.steps[saga.current_step].name,
-    })
+    view.update(
+        {
+            "order_id": str(saga.order_id),
+            "order_status": order.status.value,
+            "customer_id": order.customer_id,
+            "reason": saga.reason.value if saga.reason else None,
+            "created_at": _iso(saga.created_at),
+            "updated_at": _iso(saga.updated_at),
+            "current_step": saga.steps[saga.current_step].name,
+        }
+    )
     return view

@@ -62,7 +62,10 @@ def relay_stale_outbox() -> int:
             sa.select(sa.func.count())
             .select_from(OutboxMessage)
             .where(OutboxMessage.sent_at.is_(None))
-            .where(OutboxMessage.created_at < sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, age))
+            .where(
+                OutboxMessage.created_at
+                < sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, age)
+            )
         )
     if not stale:
         return 0

@@ -26,8 +26,13 @@ app.steps["consumer"].add(DeadLetterIntake)
 
 # A database outage is retried for a while (about a minute); past that the reply is
 # dead-lettered, recorded, and the step's deadline makes the sweeper ask again.
-_DB_RETRY = {"autoretry_for": (DBAPIError,), "max_retries": 12, "retry_backoff": 0.2,
-             "retry_backoff_max": 10, "retry_jitter": True}
+_DB_RETRY = {
+    "autoretry_for": (DBAPIError,),
+    "max_retries": 12,
+    "retry_backoff": 0.2,
+    "retry_backoff_max": 10,
+    "retry_jitter": True,
+}
 
 
 @app.task(name="saga.reply", bind=True, **_DB_RETRY)
@@ -44,8 +49,14 @@ def reply(self: Task, envelope: Any) -> str:
             if saga is None:
                 return "ignored (unknown saga)"
             return engine.on_reply(
-                session, saga, msg.command, msg.request_id, msg.attempt, body.outcome,
-                error=body.error or body.reason, retry_in_s=body.retry_in_s,
+                session,
+                saga,
+                msg.command,
+                msg.request_id,
+                msg.attempt,
+                body.outcome,
+                error=body.error or body.reason,
+                retry_in_s=body.retry_in_s,
             )
 
         result = run_in_transaction(work)

@@ -22,8 +22,12 @@ def _claim(session: Session, command: Command, status: ReservationStatus, lines:
     """Insert the saga's reservation row; False if one exists (it is then locked for us)."""
     inserted = session.scalar(
         insert(Reservation)
-        .values(saga_id=command.saga_id, order_id=command.typed_payload().order_id,
-                status=status, lines=lines)
+        .values(
+            saga_id=command.saga_id,
+            order_id=command.typed_payload().order_id,
+            status=status,
+            lines=lines,
+        )
         .on_conflict_do_nothing(index_elements=["saga_id"])
         .returning(Reservation.saga_id)
     )
@@ -68,10 +72,12 @@ def release(session: Session, command: Command, payload: CommandPayload) -> Resu
     if _claim(session, command, ReservationStatus.VOIDED, []):
         return Result(True, applied_now=True)
     row = _existing(session, command)
-    bucket = {ReservationStatus.RESERVED: "reserved", ReservationStatus.SOLD: "sold"}.get(row.status)
+    bucket = {ReservationStatus.RESERVED: "reserved", ReservationStatus.SOLD: "sold"}.get(
+        row.status
+    )
     if bucket is None:
         return Result(True)
     stock.move(session, row.lines, bucket, "available")
     row.status = ReservationStatus.RELEASED
-    row.updated_at = sa.func.now()  # type: ignore[assignment]
+    row.updated_at = sa.func.now()
     return Result(True, applied_now=True)

@@ -30,14 +30,16 @@ def confirm(session: Session, command: Command, payload: CommandPayload) -> Resu
     if order.status is OrderStatus.CONFIRMED:
         return Result(True)
     reservation = session.get(Reservation, command.saga_id, with_for_update=True)
-    if order.status is not OrderStatus.PENDING or reservation is None or (
-        reservation.status is not ReservationStatus.RESERVED
+    if (
+        order.status is not OrderStatus.PENDING
+        or reservation is None
+        or (reservation.status is not ReservationStatus.RESERVED)
     ):
         return Result(False, "fenced: the order is no longer pending with stock reserved")
     stock.move(session, reservation.lines, "reserved", "sold")
     reservation.status = ReservationStatus.SOLD
     order.status = OrderStatus.CONFIRMED
-    order.updated_at = sa.func.now()  # type: ignore[assignment]
+    order.updated_at = sa.func.now()
     return Result(True, applied_now=True)
 
 
@@ -48,5 +50,5 @@ def cancel(session: Session, command: Command, payload: CancelPayload) -> Result
         return Result(True)
     order.status = OrderStatus.CANCELLED
     order.reason = payload.reason
-    order.updated_at = sa.func.now()  # type: ignore[assignment]
+    order.updated_at = sa.func.now()
     return Result(True, applied_now=True)

@@ -59,8 +59,13 @@ def _is_transient(exc: BaseException) -> bool:
 
 def send_reply(command: Command, attempt: int, payload: ReplyPayload) -> None:
     envelope = make_reply(command, attempt, payload)
-    app.send_task("saga.reply", args=[envelope], headers=trace_headers(
-        {**envelope, "payload": {"order_id": str(command.typed_payload().order_id)}}))
+    app.send_task(
+        "saga.reply",
+        args=[envelope],
+        headers=trace_headers(
+            {**envelope, "payload": {"order_id": str(command.typed_payload().order_id)}}
+        ),
+    )
 
 
 def run(task: Task, envelope: Any, handler: Handler) -> str:
@@ -73,8 +78,12 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
     tries = task.request.retries + 1  # tries of this dispatch, against its budget
     attempt = command.attempt + task.request.retries  # the step's attempt number, for people
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
-    with log_context(saga_id=command.saga_id, order_id=payload.order_id, step=command.type,
-                     request_id=command.request_id):
+    with log_context(
+        saga_id=command.saga_id,
+        order_id=payload.order_id,
+        step=command.type,
+        request_id=command.request_id,
+    ):
         try:
             faults.before_work(payload.fault, attempt, redelivered)
             result = run_in_transaction(lambda session: handler(session, command, payload))
@@ -90,14 +99,24 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
             policy = RetryPolicy(payload.retry.attempts, payload.retry.base_s, payload.retry.max_s)
             delay = policy.delay(tries)
             log.warning("attempt %d failed, retrying in %.2fs: %s", attempt, delay, exc)
-            send_reply(command, attempt, ReplyPayload(
-                outcome=ReplyOutcome.RETRYING, error=f"{type(exc).__name__}: {exc}"[:500],
-                retry_in_s=round(delay, 3)))
+            send_reply(
+                command,
+                attempt,
+                ReplyPayload(
+                    outcome=ReplyOutcome.RETRYING,
+                    error=f"{type(exc).__name__}: {exc}"[:500],
+                    retry_in_s=round(delay, 3),
+                ),
+            )
             raise task.retry(countdown=delay, max_retries=None) from exc
         outcome = ReplyOutcome.SUCCEEDED if result.succeeded else ReplyOutcome.FAILED
         send_reply(command, attempt, ReplyPayload(outcome=outcome, reason=result.reason))
-        log.info("attempt %d %s%s", attempt, outcome.value,
-                 f" ({result.reason})" if result.reason else "")
+        log.info(
+            "attempt %d %s%s",
+            attempt,
+            outcome.value,
+            f" ({result.reason})" if result.reason else "",
+        )
         return outcome.value
 
 
@@ -110,6 +129,7 @@ def participant(name: str) -> Callable[[Callable[[Session, Command, P], Result]]
 
         task_body.__name__ = fn.__name__
         task_body.__doc__ = fn.__doc__
-        return app.task(name=name, bind=True)(task_body)  # type: ignore[no-any-return]
+        task: Task = app.task(name=name, bind=True)(task_body)
+        return task
 
     return register

@@ -18,11 +18,18 @@ __all__ = ["app", "charge", "refund"]
 APPROVED_TOKENS = frozenset({"tok_visa"})
 
 
-def _claim(session: Session, command: Command, status: ChargeStatus, amount: int, last4: str) -> bool:
+def _claim(
+    session: Session, command: Command, status: ChargeStatus, amount: int, last4: str
+) -> bool:
     inserted = session.scalar(
         insert(Charge)
-        .values(saga_id=command.saga_id, order_id=command.typed_payload().order_id,
-                status=status, amount_cents=amount, card_last4=last4)
+        .values(
+            saga_id=command.saga_id,
+            order_id=command.typed_payload().order_id,
+            status=status,
+            amount_cents=amount,
+            card_last4=last4,
+        )
         .on_conflict_do_nothing(index_elements=["saga_id"])
         .returning(Charge.saga_id)
     )
@@ -61,5 +68,5 @@ def refund(session: Session, command: Command, payload: CommandPayload) -> Resul
     if row.status is not ChargeStatus.CHARGED:
         return Result(True)
     row.status = ChargeStatus.REFUNDED
-    row.refunded_at = sa.func.now()  # type: ignore[assignment]
+    row.refunded_at = sa.func.now()
     return Result(True, applied_now=True)

@@ -39,5 +39,7 @@ def move(session: Session, lines: list[dict[str, Any]], source: str, target: str
         session.execute(
             sa.update(Product)
             .where(Product.sku == line["sku"])
-            .values({source: getattr(Product, source) - qty, target: getattr(Product, target) + qty})
+            .values(
+                {source: getattr(Product, source) - qty, target: getattr(Product, target) + qty}
+            )
         )

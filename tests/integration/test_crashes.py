@@ -38,9 +38,13 @@ def wait_until(check, timeout_s: float = 30, what: str = "condition") -> None:  
 
 def effects(saga_id: str) -> dict[str, int]:
     with transaction() as session:
-        row = session.execute(sa.text(
-            "SELECT (SELECT count(*) FROM reservations WHERE saga_id = :s),"
-            "       (SELECT count(*) FROM charges WHERE saga_id = :s)"), {"s": saga_id}).one()
+        row = session.execute(
+            sa.text(
+                "SELECT (SELECT count(*) FROM reservations WHERE saga_id = :s),"
+                "       (SELECT count(*) FROM charges WHERE saga_id = :s)"
+            ),
+            {"s": saga_id},
+        ).one()
     return {"reservations": row[0], "charges": row[1]}
 
 
@@ -78,8 +82,10 @@ def test_relay_killed_after_publishing_before_marking_sent_duplicates_harmlessly
     assert effects(placed["saga_id"]) == {"reservations": 1, "charges": 1}
     assert product(sku) == {"available": 4, "reserved": 0, "sold": 1}
     with transaction() as session:
-        total = session.scalar(sa.text("SELECT sum(amount_cents) FROM charges WHERE saga_id = :s"),
-                               {"s": placed["saga_id"]})
+        total = session.scalar(
+            sa.text("SELECT sum(amount_cents) FROM charges WHERE saga_id = :s"),
+            {"s": placed["saga_id"]},
+        )
     assert total == 300
 
 
@@ -107,12 +113,17 @@ def test_a_reply_delivered_twice_makes_one_transition(api: Api, system: Processe
     placed = place(api, order_body(sku))
     before = wait_final(api, placed["order_id"])
     with transaction() as session:
-        envelope = session.scalar(sa.text(
-            "SELECT envelope FROM outbox WHERE saga_id = :s AND task = 'inventory.reserve'"),
-            {"s": placed["saga_id"]})
+        envelope = session.scalar(
+            sa.text(
+                "SELECT envelope FROM outbox WHERE saga_id = :s AND task = 'inventory.reserve'"
+            ),
+            {"s": placed["saga_id"]},
+        )
     command = parse_command(envelope)
     reply = make_reply(command, 1, ReplyPayload(outcome=ReplyOutcome.SUCCEEDED))
-    failed = make_reply(command, 1, ReplyPayload(outcome=ReplyOutcome.FAILED, reason="out_of_stock"))
+    failed = make_reply(
+        command, 1, ReplyPayload(outcome=ReplyOutcome.FAILED, reason="out_of_stock")
+    )
     for duplicate in (reply, reply, failed):
         celery_app.send_task("saga.reply", args=[duplicate])
     time.sleep(2)
@@ -134,5 +145,7 @@ def test_a_worker_killed_while_busy_finishes_every_saga_once(api: Api, system: P
 
 
 def test_unknown_order_ids_are_random_uuids(api: Api) -> None:
-    response = api.session.get(f"{api.url}/orders/{uuid.uuid4()}", headers={"Accept": "application/json"})
+    response = api.session.get(
+        f"{api.url}/orders/{uuid.uuid4()}", headers={"Accept": "application/json"}
+    )
     assert response.status_code == 404

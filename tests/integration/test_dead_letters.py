@@ -24,32 +24,58 @@ from tests.integration.helpers import make_product, order_body, place, wait_fina
 def publish_raw(body: bytes, routing_key: str, headers: dict[str, Any], content_type: str) -> None:
     with Connection(settings().broker_url) as conn:
         Producer(conn.default_channel).publish(
-            body, exchange=TASK_EXCHANGE, routing_key=routing_key, headers=headers,
-            content_type=content_type, content_encoding="utf-8", delivery_mode=2, declare=[])
+            body,
+            exchange=TASK_EXCHANGE,
+            routing_key=routing_key,
+            headers=headers,
+            content_type=content_type,
+            content_encoding="utf-8",
+            delivery_mode=2,
+            declare=[],
+        )
 
 
 def letters(where: str, params: dict[str, Any], timeout_s: float = 20) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     while True:
         with transaction() as session:
-            rows = [dict(r._mapping) for r in session.execute(sa.text(
-                f"SELECT id, saga_id, step, queue, reason, state FROM dead_letters WHERE {where}"),
-                params)]
+            rows = [
+                dict(r._mapping)
+                for r in session.execute(
+                    sa.text(
+                        f"SELECT id, saga_id, step, queue, reason, state FROM dead_letters WHERE {where}"
+                    ),
+                    params,
+                )
+            ]
         if rows or time.monotonic() > deadline:
             return rows
         time.sleep(0.2)
 
 
 def celery_headers(task: str, marker: str) -> dict[str, Any]:
-    return {"lang": "py", "task": task, "id": str(uuid.uuid4()), "root_id": None,
-            "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None,
-            "test_marker": marker}
+    return {
+        "lang": "py",
+        "task": task,
+        "id": str(uuid.uuid4()),
+        "root_id": None,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "test_marker": marker,
+    }
 
 
 def test_an_undecodable_body_is_dead_lettered_as_an_orphan(system: Processes) -> None:
     marker = str(uuid.uuid4())
-    publish_raw(b"\xff\xfe{not json" + marker.encode(), "payment",
-                celery_headers("payment.charge", marker), "application/json")
+    publish_raw(
+        b"\xff\xfe{not json" + marker.encode(),
+        "payment",
+        celery_headers("payment.charge", marker),
+        "application/json",
+    )
     rows = letters("queue = 'payment' AND encode(body, 'escape') LIKE :m", {"m": f"%{marker}%"})
     assert len(rows) == 1
     assert rows[0]["saga_id"] is None and rows[0]["state"] == "dead"
@@ -66,11 +92,22 @@ def test_an_unknown_task_is_dead_lettered(system: Processes) -> None:
 
 def test_an_invalid_envelope_is_dead_lettered_with_its_saga(system: Processes) -> None:
     saga_id = str(uuid.uuid4())
-    envelope = {"type": "orders.confirm", "version": 99, "saga_id": saga_id,
-                "request_id": str(uuid.uuid4()), "step": "orders.confirm", "attempt": 1,
-                "sent_at": "2026-01-01T00:00:00Z", "payload": {}}
-    publish_raw(json.dumps([[envelope], {}, {}]).encode(), "orders",
-                celery_headers("orders.confirm", saga_id), "application/json")
+    envelope = {
+        "type": "orders.confirm",
+        "version": 99,
+        "saga_id": saga_id,
+        "request_id": str(uuid.uuid4()),
+        "step": "orders.confirm",
+        "attempt": 1,
+        "sent_at": "2026-01-01T00:00:00Z",
+        "payload": {},
+    }
+    publish_raw(
+        json.dumps([[envelope], {}, {}]).encode(),
+        "orders",
+        celery_headers("orders.confirm", saga_id),
+        "application/json",
+    )
     rows = letters("saga_id = :s", {"s": saga_id})
     assert len(rows) == 1
     assert (rows[0]["queue"], rows[0]["step"]) == ("orders", "orders.confirm")
@@ -83,35 +120,46 @@ def test_always_failing_charge_is_dead_lettered_compensated_and_replayable(
     placed = place(api, order_body(sku, faults={"payment.charge": "always"}))
     view = wait_final(api, placed["order_id"])
     assert (view["status"], view["reason"], view["saga"]["state"]) == (
-        "cancelled", "retries_exhausted", "compensated")
+        "cancelled",
+        "retries_exhausted",
+        "compensated",
+    )
     rows = letters("saga_id = :s", {"s": placed["saga_id"]})
-    assert [(r["queue"], r["step"], r["state"]) for r in rows] == [("payment", "payment.charge", "dead")]
+    assert [(r["queue"], r["step"], r["state"]) for r in rows] == [
+        ("payment", "payment.charge", "dead")
+    ]
     events = [e["event"] for e in view["saga"]["timeline"]]
     assert "step.dead_lettered" in events
 
     env = system.box.env()
-    listed = subprocess.run(sagactl("dlq", "list", "--json"), env=env, capture_output=True,
-                            text=True, check=True)
+    listed = subprocess.run(
+        sagactl("dlq", "list", "--json"), env=env, capture_output=True, text=True, check=True
+    )
     assert rows[0]["id"] in [d["id"] for d in json.loads(listed.stdout)["dead_letters"]]
-    subprocess.run(sagactl("dlq", "replay", str(rows[0]["id"])), env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        sagactl("dlq", "replay", str(rows[0]["id"])), env=env, check=True, capture_output=True
+    )
     # The replayed command runs again (and, still carrying `always`, dies again: a new letter).
-    again = letters("saga_id = :s AND id <> :i", {"s": placed["saga_id"], "i": rows[0]["id"]},
-                    timeout_s=30)
+    again = letters(
+        "saga_id = :s AND id <> :i", {"s": placed["saga_id"], "i": rows[0]["id"]}, timeout_s=30
+    )
     assert len(again) == 1
     assert letters("id = :i", {"i": rows[0]["id"]})[0]["state"] == "replayed"
     after = api.order(placed["order_id"])
     assert after["status"] == "cancelled"
     assert "dead_letter.replayed" in [e["event"] for e in after["saga"]["timeline"]]
     # Replaying the same letter twice is refused; discarding the new one works.
-    second = subprocess.run(sagactl("dlq", "replay", str(rows[0]["id"])), env=env,
-                            capture_output=True, text=True)
+    second = subprocess.run(
+        sagactl("dlq", "replay", str(rows[0]["id"])), env=env, capture_output=True, text=True
+    )
     assert second.returncode == 1
-    subprocess.run(sagactl("dlq", "discard", str(again[0]["id"])), env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        sagactl("dlq", "discard", str(again[0]["id"])), env=env, check=True, capture_output=True
+    )
     assert letters("id = :i", {"i": again[0]["id"]})[0]["state"] == "discarded"
     with transaction() as session:
-        charges = session.scalar(sa.text(
-            "SELECT count(*) FROM charges WHERE saga_id = :s AND status = 'charged'"),
-            {"s": placed["saga_id"]})
+        charges = session.scalar(
+            sa.text("SELECT count(*) FROM charges WHERE saga_id = :s AND status = 'charged'"),
+            {"s": placed["saga_id"]},
+        )
     assert charges == 0

@@ -18,15 +18,22 @@ def test_an_order_confirms_and_its_stock_is_sold(api: Api) -> None:
     sku = make_product(stock=5, price_cents=250)
     placed = place(api, order_body(sku, quantity=2))
     view = wait_final(api, placed["order_id"])
-    assert (view["status"], view["reason"], view["saga"]["state"]) == ("confirmed", None, "completed")
+    assert (view["status"], view["reason"], view["saga"]["state"]) == (
+        "confirmed",
+        None,
+        "completed",
+    )
     assert view["total_cents"] == 500
     assert product(sku) == {"available": 3, "reserved": 0, "sold": 2}
     assert [s["status"] for s in view["saga"]["steps"]] == ["succeeded"] * 4
     assert events(view) == [
         ("saga.started", None),
-        ("step.dispatched", "inventory.reserve"), ("step.succeeded", "inventory.reserve"),
-        ("step.dispatched", "payment.charge"), ("step.succeeded", "payment.charge"),
-        ("step.dispatched", "orders.confirm"), ("step.succeeded", "orders.confirm"),
+        ("step.dispatched", "inventory.reserve"),
+        ("step.succeeded", "inventory.reserve"),
+        ("step.dispatched", "payment.charge"),
+        ("step.succeeded", "payment.charge"),
+        ("step.dispatched", "orders.confirm"),
+        ("step.succeeded", "orders.confirm"),
         ("saga.completed", None),
     ]
 
@@ -35,7 +42,10 @@ def test_an_order_over_stock_is_cancelled_with_nothing_reserved(api: Api) -> Non
     sku = make_product(stock=3)
     view = wait_final(api, place(api, order_body(sku, quantity=4))["order_id"])
     assert (view["status"], view["reason"], view["saga"]["state"]) == (
-        "cancelled", "out_of_stock", "compensated")
+        "cancelled",
+        "out_of_stock",
+        "compensated",
+    )
     assert product(sku) == {"available": 3, "reserved": 0, "sold": 0}
     steps = {s["name"]: s for s in view["saga"]["steps"]}
     assert steps["inventory.reserve"]["status"] == "failed"
@@ -47,9 +57,14 @@ def test_an_order_over_stock_is_cancelled_with_nothing_reserved(api: Api) -> Non
 
 def test_a_declined_card_releases_stock_then_cancels_the_order(api: Api) -> None:
     sku = make_product(stock=5)
-    view = wait_final(api, place(api, order_body(sku, quantity=2, token="tok_chargeDeclined"))["order_id"])
+    view = wait_final(
+        api, place(api, order_body(sku, quantity=2, token="tok_chargeDeclined"))["order_id"]
+    )
     assert (view["status"], view["reason"], view["saga"]["state"]) == (
-        "cancelled", "payment_declined", "compensated")
+        "cancelled",
+        "payment_declined",
+        "compensated",
+    )
     assert product(sku) == {"available": 5, "reserved": 0, "sold": 0}
     order = events(view)
     declined = order.index(("step.failed", "payment.charge"))
@@ -77,7 +92,11 @@ def test_the_same_idempotency_key_twice_makes_one_order(api: Api) -> None:
     body = order_body(sku)
     first = api.place(body, key)
     # Same JSON value, other key order: still the same request.
-    reordered = {"payment": body["payment"], "items": body["items"], "customer_id": body["customer_id"]}
+    reordered = {
+        "payment": body["payment"],
+        "items": body["items"],
+        "customer_id": body["customer_id"],
+    }
     second = api.place(reordered, key)
     assert (first.status_code, second.status_code) == (202, 200)
     assert first.json()["order_id"] == second.json()["order_id"]
@@ -96,8 +115,10 @@ def test_concurrent_requests_with_one_key_never_make_two_orders(api: Api) -> Non
         responses = list(pool.map(lambda _: Api.connect(api.url).place(body, key), range(8)))
     ids = {r.json()["order_id"] for r in responses if r.status_code in (200, 202)}
     assert len(ids) == 1
-    assert all(r.status_code in (200, 202) or r.json()["error"]["code"] == "idempotency_in_flight"
-               for r in responses)
+    assert all(
+        r.status_code in (200, 202) or r.json()["error"]["code"] == "idempotency_in_flight"
+        for r in responses
+    )
     wait_final(api, ids.pop())
     assert product(sku)["sold"] == 1
 
@@ -111,8 +132,13 @@ def test_every_command_delivered_twice_changes_nothing(api: Api, system: Process
     before = wait_final(api, placed["order_id"])
     assert before["status"] == "confirmed"
     with transaction() as session:
-        rows = list(session.scalars(sa.select(OutboxMessage).where(
-            OutboxMessage.saga_id == uuid.UUID(placed["saga_id"]))))
+        rows = list(
+            session.scalars(
+                sa.select(OutboxMessage).where(
+                    OutboxMessage.saga_id == uuid.UUID(placed["saga_id"])
+                )
+            )
+        )
     assert [r.task for r in rows] == ["inventory.reserve", "payment.charge", "orders.confirm"]
     publisher = ConfirmingPublisher(settings().broker_url)
     try:
@@ -123,9 +149,10 @@ def test_every_command_delivered_twice_changes_nothing(api: Api, system: Process
     assert after["saga"] == before["saga"]  # every duplicate reply was fenced off
     assert product(sku) == {"available": 3, "reserved": 0, "sold": 2}
     with transaction() as session:
-        charges = session.execute(sa.text(
-            "SELECT count(*), sum(amount_cents) FROM charges WHERE saga_id = :s"),
-            {"s": placed["saga_id"]}).one()
+        charges = session.execute(
+            sa.text("SELECT count(*), sum(amount_cents) FROM charges WHERE saga_id = :s"),
+            {"s": placed["saga_id"]},
+        ).one()
     assert tuple(charges) == (1, 200)
 
 

@@ -18,8 +18,15 @@ from tests.integration.helpers import make_product, order_body, place, product, 
 
 def _load(api: Api, sku: str, n: int) -> list[dict]:
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda i: place(Api.connect(api.url), order_body(
-            sku, token="tok_visa" if i % 3 else "tok_chargeDeclined")), range(n)))
+        return list(
+            pool.map(
+                lambda i: place(
+                    Api.connect(api.url),
+                    order_body(sku, token="tok_visa" if i % 3 else "tok_chargeDeclined"),
+                ),
+                range(n),
+            )
+        )
 
 
 def _repeat(action, times: int, gap_s: float) -> threading.Thread:  # type: ignore[no-untyped-def]
@@ -36,7 +43,8 @@ def _repeat(action, times: int, gap_s: float) -> threading.Thread:  # type: igno
 def _check(api: Api, placed: list[dict], sku: str, stock: int) -> None:
     views = api.wait_final([p["order_id"] for p in placed], timeout_s=120)
     assert all(v["saga"]["state"] in ("completed", "compensated") for v in views.values()), [
-        (v["order_id"], v["saga"]["state"]) for v in views.values()]
+        (v["order_id"], v["saga"]["state"]) for v in views.values()
+    ]
     confirmed = sum(v["status"] == "confirmed" for v in views.values())
     declined = sum(v["reason"] == "payment_declined" for v in views.values())
     assert confirmed + declined == len(placed)

@@ -43,8 +43,12 @@ def test_a_new_saga_dispatches_the_reservation() -> None:
     snap, commands = run()
     assert snap.state is SagaState.RUNNING
     assert commands == [Dispatch(RESERVE, "action")]
-    assert statuses(snap) == [(S.SUCCEEDED, C.PENDING), (S.RUNNING, C.PENDING),
-                              (S.PENDING, C.PENDING), (S.PENDING, None)]
+    assert statuses(snap) == [
+        (S.SUCCEEDED, C.PENDING),
+        (S.RUNNING, C.PENDING),
+        (S.PENDING, C.PENDING),
+        (S.PENDING, None),
+    ]
 
 
 def test_each_success_dispatches_the_next_step_and_the_last_completes() -> None:
@@ -65,18 +69,24 @@ def test_out_of_stock_skips_the_rest_and_only_cancels_the_order() -> None:
 
 
 def test_declined_card_releases_stock_then_cancels_order() -> None:
-    snap, commands = run(StepSucceeded(RESERVE),
-                         StepFailed(CHARGE, Reason.PAYMENT_DECLINED, partial=False))
+    snap, commands = run(
+        StepSucceeded(RESERVE), StepFailed(CHARGE, Reason.PAYMENT_DECLINED, partial=False)
+    )
     assert commands == [Dispatch(RESERVE, "compensation")]  # no refund: nothing was charged
     snap, commands = advance(ORDER_SAGA, snap, CompensationSucceeded(RESERVE))
     assert commands == [Dispatch(CREATE, "compensation")]
     snap, commands = advance(ORDER_SAGA, snap, CompensationSucceeded(CREATE))
-    assert (snap.state, snap.reason, commands) == (SagaState.COMPENSATED, Reason.PAYMENT_DECLINED, [])
+    assert (snap.state, snap.reason, commands) == (
+        SagaState.COMPENSATED,
+        Reason.PAYMENT_DECLINED,
+        [],
+    )
 
 
 def test_charge_exhausted_refunds_it_too_then_releases_then_cancels() -> None:
-    snap, commands = run(StepSucceeded(RESERVE),
-                         StepFailed(CHARGE, Reason.RETRIES_EXHAUSTED, partial=True))
+    snap, commands = run(
+        StepSucceeded(RESERVE), StepFailed(CHARGE, Reason.RETRIES_EXHAUSTED, partial=True)
+    )
     assert commands == [Dispatch(CHARGE, "compensation")]
     order = []
     while commands:
@@ -87,8 +97,11 @@ def test_charge_exhausted_refunds_it_too_then_releases_then_cancels() -> None:
 
 
 def test_confirm_refused_compensates_charge_and_stock_in_reverse_order() -> None:
-    snap, commands = run(StepSucceeded(RESERVE), StepSucceeded(CHARGE),
-                         StepFailed(CONFIRM, Reason.RETRIES_EXHAUSTED, partial=False))
+    snap, commands = run(
+        StepSucceeded(RESERVE),
+        StepSucceeded(CHARGE),
+        StepFailed(CONFIRM, Reason.RETRIES_EXHAUSTED, partial=False),
+    )
     order = []
     while commands:
         order.append(commands[0].index)
@@ -112,8 +125,11 @@ def test_a_failed_compensation_parks_the_saga_as_failed() -> None:
 
 
 def test_operator_retry_unparks_the_compensation_and_runs_the_rest() -> None:
-    snap, _ = run(StepSucceeded(RESERVE), StepFailed(CHARGE, Reason.TIMEOUT, partial=True),
-                  CompensationParked(CHARGE))
+    snap, _ = run(
+        StepSucceeded(RESERVE),
+        StepFailed(CHARGE, Reason.TIMEOUT, partial=True),
+        CompensationParked(CHARGE),
+    )
     snap, commands = advance(ORDER_SAGA, snap, OperatorRetry())
     assert snap.state is SagaState.COMPENSATING
     assert commands == [Dispatch(CHARGE, "compensation", fresh=True)]
@@ -154,5 +170,5 @@ def test_backoff_is_full_jitter_under_an_exponential_cap() -> None:
     rng = random.Random(7)
     for attempt, cap in ((1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (9, 3.0)):
         delays = [policy.delay(attempt, rng) for _ in range(200)]
-        assert 0 <= min(delays) and max(delays) <= cap
+        assert min(delays) >= 0 and max(delays) <= cap
         assert max(delays) > cap * 0.8  # the whole range is used
