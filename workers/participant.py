@@ -10,6 +10,7 @@ error propagates: the message is rejected and RabbitMQ dead-letters it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -108,7 +109,7 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
                     retry_in_s=round(delay, 3),
                 ),
             )
-            raise task.retry(countdown=delay, max_retries=None) from exc
+            raise _retry_later(task, delay) from exc
         outcome = ReplyOutcome.SUCCEEDED if result.succeeded else ReplyOutcome.FAILED
         send_reply(command, attempt, ReplyPayload(outcome=outcome, reason=result.reason))
         log.info(
@@ -118,6 +119,19 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
             f" ({result.reason})" if result.reason else "",
         )
         return outcome.value
+
+
+def _retry_later(task: Task, delay: float) -> Exception:
+    """Schedule the next attempt ``delay`` seconds from now.
+
+    RabbitMQ holds delays of a second or more (Celery's native delayed delivery on quorum queues),
+    but its routing key counts whole seconds and refuses a countdown under one; a shorter wait is
+    slept here, which holds the message for less than a second.
+    """
+    if delay < 1.0:
+        time.sleep(delay)
+        return task.retry(countdown=None, max_retries=None)
+    return task.retry(countdown=delay, max_retries=None)
 
 
 def participant(name: str) -> Callable[[Callable[[Session, Command, P], Result]], Task]:
