@@ -130,7 +130,7 @@ def _retry_later(task: Task, delay: float) -> Exception:
     """
     if delay < 1.0:
         time.sleep(delay)
-        return task.retry(countdown=None, max_retries=None)
+        return task.retry(countdown=0, max_retries=None)  # None would mean 3 minutes
     return task.retry(countdown=delay, max_retries=None)
 
 
