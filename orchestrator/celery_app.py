@@ -49,6 +49,9 @@ def create_celery() -> Celery:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_send_task_events=False,
+        # No broadcast control channel (pidbox): nothing here uses it, and it is one less
+        # exclusive queue per worker name.
+        worker_enable_remote_control=False,
         task_send_sent_event=False,
         beat_schedule={
             "sweep": {

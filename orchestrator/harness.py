@@ -201,11 +201,16 @@ class Processes:
         return "\n".join(self.output(name).splitlines()[-lines:])
 
     def start_all(self, names: Iterable[str] = tuple(PROCESS_TABLE)) -> None:
+        """Start every process and wait until each is ready; on failure, stop them all again."""
         names = list(names)
-        for name in names:
-            self.start(name, wait=False)
-        for name in names:
-            self.wait_ready(name)
+        try:
+            for name in names:
+                self.start(name, wait=False)
+            for name in names:
+                self.wait_ready(name)
+        except BaseException:
+            self.stop_all(signal.SIGKILL, timeout_s=10)
+            raise
 
     def pid(self, name: str) -> int:
         return self.running[name].proc.pid

@@ -48,7 +48,8 @@ def celery_worker_argv(name: str, concurrency: int, pool: str = "prefork") -> li
         "-Q",
         queue,
         "-n",
-        f"{name}@%h",
+        # Unique per process: two orchestrators (or two of any worker) may run side by side.
+        f"{name}-{os.getpid()}@%h",
         "--concurrency",
         str(concurrency),
         "--pool",
