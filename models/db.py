@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,10 +23,14 @@ RETRYABLE_SQLSTATES = {"40001", "40P01"}
 def get_engine(url: str | None = None) -> sa.Engine:
     from orchestrator.config import settings  # late: models must not need the app to import
 
+    # Small pools: a Celery child runs one task at a time, and a whole system on one machine must
+    # stay well under PostgreSQL's max_connections (100 by default).
+    pool_size = int(os.environ.get("SAGA_DB_POOL_SIZE", "2"))
     return sa.create_engine(
         url or settings().database_url,
-        pool_size=5,
-        max_overflow=10,
+        pool_size=pool_size,
+        max_overflow=int(os.environ.get("SAGA_DB_POOL_OVERFLOW", "6")),
+        pool_timeout=10,
         pool_pre_ping=True,
         pool_recycle=1800,
     )
@@ -33,7 +38,8 @@ def get_engine(url: str | None = None) -> sa.Engine:
 
 @lru_cache(maxsize=4)
 def _factory(url: str | None = None) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+    # get_engine() and get_engine(None) are two lru_cache keys: call it as everyone else does.
+    return sessionmaker(get_engine(url) if url else get_engine(), expire_on_commit=False)
 
 
 def new_session() -> Session:
