@@ -182,6 +182,10 @@ def run(port: int | None) -> None:
     env = {**os.environ, "PORT": str(port)}
 
     def ready() -> None:
+        from orchestrator.processes import wait_for_http
+
+        if not wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout_s=120):
+            click.echo("warning: the web did not answer /healthz within 120 s", err=True)
         click.echo(f"\nSaga shop:      http://127.0.0.1:{port}/")
         click.echo(f"Admin console:  http://127.0.0.1:{port}/admin")
         if not cfg.production:

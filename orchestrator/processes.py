@@ -61,6 +61,21 @@ def celery_worker_argv(name: str, concurrency: int, pool: str = "prefork") -> li
     ]
 
 
+def wait_for_http(url: str, timeout_s: float) -> bool:
+    """Poll ``url`` until it answers 200; False if it never did within ``timeout_s``."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 @dataclass
 class Child:
     name: str
