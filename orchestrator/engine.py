@@ -246,12 +246,14 @@ def _persist(
             if new.status in (StepStatus.SUCCEEDED, StepStatus.FAILED):
                 row.finished_at, row.deadline_at = now, None
             if new.status is StepStatus.SUCCEEDED:
+                row.error = None  # earlier attempts' errors stay in the timeline
                 record(session, saga, "step.succeeded", step=row.name, attempt=row.attempts)
         if old.comp_status is not new.comp_status:
             row.comp_status = new.comp_status
             if new.comp_status in (CompensationStatus.SUCCEEDED, CompensationStatus.PARKED):
                 row.comp_finished_at, row.deadline_at = now, None
             if new.comp_status is CompensationStatus.SUCCEEDED:
+                row.comp_error = None
                 record(
                     session,
                     saga,
