@@ -24,7 +24,7 @@ FAULT = re.compile(
 
 
 def is_valid_fault(fault: str) -> bool:
-    return bool(FAULT.match(fault))
+    return bool(FAULT.fullmatch(fault))
 
 
 class PoisonMessage(Exception):

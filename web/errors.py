@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask, Response, jsonify, render_template, request
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 
@@ -18,22 +19,27 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
 def wants_json() -> bool:
-    """JSON for API clients: a JSON body, or an Accept that prefers JSON over HTML."""
+    """JSON for API clients: a JSON body, an Accept that prefers JSON over HTML, or a post that is
+    not a form and does not ask for HTML outright (curl's ``*/*``, no Accept at all)."""
     if request.is_json:
         return True
-    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
-    return best == "application/json"
+    accept = request.accept_mimetypes
+    if request.method in ("GET", "HEAD") or request.mimetype in FORM_TYPES:
+        return accept.best_match(["text/html", "application/json"]) == "application/json"
+    return accept.quality("application/json") >= accept.quality("text/html")
 
 
 def error_response(status: int, code: str, message: str, details: Any = None,
                    headers: dict[str, str] | None = None) -> Response:
-    if wants_json() or request.path.startswith("/admin/") and request.method == "POST" and request.is_json:
+    if wants_json():
         response = jsonify({"error": {"code": code, "message": message, "details": details}})
     else:
-        response = Response(
-            render_template("error.html", status=status, code=code, message=message), mimetype="text/html"
-        )
+        page = render_template("error.html", status=status, code=code, message=message)
+        response = Response(page, mimetype="text/html")
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value
@@ -55,7 +61,15 @@ def register(app: Flask) -> None:
         status = exc.code or 500
         headers = dict(exc.get_headers()) if status in (401, 405) else {}
         headers.pop("Content-Type", None)
-        return error_response(status, _CODES.get(status, "error"), exc.description or exc.name, None, headers)
+        return error_response(status, _CODES.get(status, "error"),
+                              exc.description or exc.name, None, headers)
+
+    @app.errorhandler(OperationalError)
+    def _database_unavailable(exc: OperationalError) -> Response:
+        # The database is down or out of connections: a passing condition, not a bug.
+        app.logger.warning("database unavailable: %s", exc.orig)
+        return error_response(503, "unavailable", "the database is unavailable; try again shortly",
+                              headers={"Retry-After": "2"})
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

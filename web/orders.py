@@ -17,6 +17,7 @@ from flask import (
     url_for,
 )
 from flask_wtf.csrf import CSRFError, validate_csrf
+from werkzeug.exceptions import RequestEntityTooLarge
 from wtforms import ValidationError as CsrfInvalid
 
 from models.db import transaction
@@ -30,13 +31,30 @@ bp = Blueprint("orders", __name__)
 TEST_TOKENS = ("tok_visa", "tok_chargeDeclined")
 
 
+def read_body() -> bytes:
+    """The body, cached for the parsers; 413 past MAX_CONTENT_LENGTH, with or without a
+    Content-Length, whatever the content type (the contract checks size first)."""
+    data = request.get_data(cache=True)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    # Werkzeug stops a streamed (chunked) body at the limit without an error
+    # (LimitedStream.readall): one more byte from the server's stream tells a body of exactly
+    # the limit from a longer one.
+    at_limit = request.content_length is None and limit is not None and len(data) >= limit
+    if at_limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+    return data
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
 def _json_body() -> Any:
     try:
-        return json.loads(request.get_data(cache=True), parse_constant=_reject_constant)
+        # Strict UTF-8 (RFC 8259), a leading BOM tolerated: json.loads(bytes) would also take
+        # UTF-16/32 and decode encoded surrogates ("surrogatepass").
+        text = request.get_data(cache=True).decode("utf-8-sig")
+        return json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         raise ApiError(400, "malformed_json", "the body is not valid JSON") from exc
 
@@ -48,13 +66,19 @@ def check_csrf() -> None:
         raise ApiError(400, "csrf_failed", "the form's CSRF token is missing or invalid") from exc
 
 
+def _form_quantity(raw: str) -> int | str:
+    """A form sends text: plain ASCII digits become the integer, anything else stays text and
+    fails validation (``"²".isdigit()`` is true and ``int()`` refuses 5000 digits)."""
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 9 else raw
+
+
 def _form_as_order(form: Any, skus: list[str]) -> dict[str, Any]:
     """The form's fields in the JSON API's shape, so both go through one validation."""
     items = []
     for sku in skus:
         raw = (form.get(f"qty_{sku}") or "").strip()
         if raw and raw != "0":
-            items.append({"sku": sku, "quantity": int(raw) if raw.isdigit() else raw})
+            items.append({"sku": sku, "quantity": _form_quantity(raw)})
     return {
         "customer_id": form.get("customer_id", ""),
         "items": items,
@@ -66,7 +90,7 @@ def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not IDEMPOTENCY_KEY.match(key):
+    if not IDEMPOTENCY_KEY.fullmatch(key):
         raise ApiError(400, "invalid_idempotency_key",
                        "Idempotency-Key must be 1 to 255 visible ASCII characters")
     return key
@@ -100,6 +124,11 @@ def _catalogue() -> list[dict[str, Any]]:
         return queries.products(session)
 
 
+def _known_skus(skus: list[str]) -> set[str]:
+    with transaction() as session:
+        return queries.known_skus(session, skus)
+
+
 @bp.get("/")
 def form() -> str:
     return render_template("orders/form.html", products=_catalogue(), tokens=TEST_TOKENS,
@@ -108,6 +137,7 @@ def form() -> str:
 
 @bp.post("/orders")
 def create() -> Response | tuple[Response, int]:
+    read_body()
     mimetype = request.mimetype
     if mimetype == "application/json":
         raw = _json_body()
@@ -121,11 +151,10 @@ def create() -> Response | tuple[Response, int]:
                        "send application/json or an HTML form (application/x-www-form-urlencoded)")
     key = _idempotency_key()
     try:
-        skus = [i.get("sku") for i in raw.get("items", []) if isinstance(i, dict)] if isinstance(raw, dict) else []
-        with transaction() as session:
-            known = queries.known_skus(session, [s for s in skus if isinstance(s, str)])
+        # The catalogue is looked up only for skus that passed validation (no NUL, no surrogate
+        # ever reaches the database driver).
         order = parse_order(raw, fault_injection=current_app.config["FAULT_INJECTION"],
-                            known_skus=known)
+                            known_skus=_known_skus)
     except InvalidOrder as exc:
         if is_form:
             return _form_errors(request.form, exc.details)
@@ -169,7 +198,6 @@ def show(order_id: str) -> Response | str:
     if view is None:
         raise ApiError(404, "not_found", "no such order")
     if wants_json():
-        view.pop("customer_id", None)
         return jsonify(view)
     return render_template("orders/show.html", order=view)
 

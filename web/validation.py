@@ -6,16 +6,18 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections.abc import Callable, Collection
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from orchestrator.messages import is_valid_fault
+from orchestrator.messages import FAULT
 from orchestrator.order_saga import ORDER_SAGA
 
 MAX_LINES = 50
-TOKEN = re.compile(r"^tok_[A-Za-z0-9_]{1,64}$")
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+TOKEN = re.compile(r"tok_[A-Za-z0-9_]{1,64}")
+# Matched with fullmatch: "$" alone would let a trailing newline through.
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 def _printable(value: str) -> str:
@@ -27,7 +29,7 @@ def _printable(value: str) -> str:
 
 
 def _token(value: str) -> str:
-    if not TOKEN.match(value):
+    if not TOKEN.fullmatch(value):  # .match with "$" would let "tok_visa\n" through
         raise ValueError("must look like tok_ followed by 1 to 64 letters, digits or underscores")
     return value
 
@@ -60,16 +62,22 @@ class InvalidOrder(Exception):
 
 def _field_name(loc: tuple[Any, ...]) -> str:
     name = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             name += f"[{part}]"
         else:
-            name += f".{part}" if name else str(part)
-    return name or "body"
+            name += f".{part}" if i else str(part)
+    return name if loc else "body"
 
 
-def parse_order(data: Any, *, fault_injection: bool, known_skus: set[str] | None = None) -> OrderIn:
-    """Validate shape and values; ``known_skus`` (if given) checks the catalogue too."""
+SkuLookup = Callable[[list[str]], Collection[str]]
+
+
+def parse_order(
+    data: Any, *, fault_injection: bool, known_skus: Collection[str] | SkuLookup | None = None
+) -> OrderIn:
+    """Validate shape and values; ``known_skus`` (a set, or a lookup called with the validated
+    skus only, so no unchecked text reaches the database) checks the catalogue too."""
     if not isinstance(data, dict):
         raise InvalidOrder([{"field": "body", "message": "must be a JSON object"}])
     try:
@@ -79,6 +87,8 @@ def parse_order(data: Any, *, fault_injection: bool, known_skus: set[str] | None
             {"field": _field_name(err["loc"]), "message": err["msg"]} for err in exc.errors()
         ]) from exc
     problems: list[dict[str, str]] = []
+    if callable(known_skus):
+        known_skus = known_skus([item.sku for item in order.items])
     seen: set[str] = set()
     for i, item in enumerate(order.items):
         if item.sku in seen:
@@ -86,14 +96,15 @@ def parse_order(data: Any, *, fault_injection: bool, known_skus: set[str] | None
         seen.add(item.sku)
         if known_skus is not None and item.sku not in known_skus:
             problems.append({"field": f"items[{i}].sku", "message": "unknown product"})
-    if order.faults is not None:
+    if "faults" in data:
         if not fault_injection:
             problems.append({"field": "faults", "message": "fault injection is off"})
         else:
-            for name, fault in order.faults.items():
+            for name, fault in (order.faults or {}).items():
                 if name not in ORDER_SAGA.commands:
-                    problems.append({"field": f"faults.{name}", "message": "not a step or compensation"})
-                elif not is_valid_fault(fault):
+                    problems.append({"field": f"faults.{name}",
+                                     "message": "not a step or compensation"})
+                elif not FAULT.fullmatch(fault):  # not .match: "$" passes "crash\n"
                     problems.append({"field": f"faults.{name}", "message": "unknown fault"})
     if problems:
         raise InvalidOrder(problems)

@@ -31,7 +31,7 @@ def before_work(fault: str | None, attempt: int, redelivered: bool) -> None:
     if not _enabled(fault):
         return
     assert fault is not None
-    match = FAULT.match(fault)
+    match = FAULT.fullmatch(fault)
     if not match:
         return
     if fault == "always":
