@@ -7,8 +7,13 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # imported lazily at run time: the unit tier needs no services
+    from orchestrator.client import Api
+    from orchestrator.harness import Processes, Sandbox
 
 # Short timings for every process a test starts (the contract's variables).
 TEST_TIMINGS = {
@@ -47,3 +52,25 @@ def sandbox(artifacts: Path) -> Iterator[object]:
     get_engine().dispose()
     if os.environ.get("SAGA_KEEP_SANDBOX") != "1":
         box.destroy()
+
+
+@pytest.fixture(scope="session")
+def system(sandbox: Sandbox, artifacts: Path) -> Iterator[Processes]:
+    """Every process of the contract, started once per session, shared by integration and e2e."""
+    from orchestrator.harness import Processes
+
+    procs = Processes(sandbox, artifacts / "logs")
+    try:
+        procs.start_all()
+    except BaseException:
+        procs.stop_all()  # a process that never got ready must not outlive the run
+        raise
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture
+def api(system: Processes) -> Api:
+    from orchestrator.client import Api
+
+    return Api.connect(system.url)

@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 from flask import Flask, Response, g, request
+from flask_wtf.csrf import generate_csrf
 
 from orchestrator.config import settings
 from orchestrator.logs import log_context, setup_logging
@@ -47,7 +48,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.jinja_env.filters.update(explain=presenters.explain, money=presenters.money,
                                duration=presenters.duration,
                                attempt_chart=presenters.attempt_chart)
-    app.jinja_env.globals.update(texts=presenters.page_texts())
+    # Forms embed csrf_token() (Flask-WTF's generate_csrf); CSRFProtect is not used because it
+    # would demand a token on JSON posts too, which the contract exempts.
+    app.jinja_env.globals.update(texts=presenters.page_texts(), csrf_token=generate_csrf)
     app.register_blueprint(orders.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(ops.bp)

@@ -1,14 +1,14 @@
-"""Integration tier: every process of the contract runs for real against the session's sandbox."""
+"""Integration tier: every process of the contract runs for real against the session's sandbox.
+
+``system`` (the processes) and ``api`` come from tests/conftest.py, shared with the e2e tier."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from orchestrator.client import Api
-from orchestrator.harness import Processes, Sandbox
+from orchestrator.harness import Processes
 from tests.integration.helpers import settle_and_audit
 
 
@@ -16,14 +16,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
-
-
-@pytest.fixture(scope="session")
-def system(sandbox: Sandbox, artifacts: Path) -> Iterator[Processes]:
-    procs = Processes(sandbox, artifacts / "logs")
-    procs.start_all()
-    yield procs
-    procs.stop_all()
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +37,3 @@ def _audit_after_module(system: Processes) -> Iterator[None]:
     yield
     report = settle_and_audit()
     assert report.ok, report.violations
-
-
-@pytest.fixture
-def api(system: Processes) -> Api:
-    return Api.connect(system.url)

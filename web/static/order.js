@@ -22,13 +22,15 @@
       (order.reason ? (order.status === "failed" ? texts.failed_prefix : "") + (texts.reasons[order.reason] || "") : texts.pending);
     text(document.getElementById("order-explain"), explain);
     var list = document.getElementById("steps");
+    // A compensation shows once it ran, or while the saga turns back and it may still run (as the page).
+    var turnedBack = ["compensating", "failed"].indexOf(order.saga.state) >= 0;
     list.textContent = "";
     order.saga.steps.forEach(function (step) {
       var li = document.createElement("li");
       li.dataset.step = step.name;
       li.appendChild(badge(step.status));
       li.appendChild(document.createTextNode(" " + step.name));
-      if (step.compensation) {
+      if (step.compensation && (turnedBack || step.compensation.status !== "pending")) {
         li.appendChild(document.createTextNode(" · "));
         li.appendChild(badge(step.compensation.status));
         li.appendChild(document.createTextNode(" " + step.compensation.name));
