@@ -55,8 +55,7 @@ def transaction() -> Iterator[Session]:
 
 def dispose_after_fork() -> None:
     """A forked child must not share its parent's sockets (SQLAlchemy pooling docs)."""
-    for url in [None]:
-        get_engine(url).dispose(close=False)
+    get_engine().dispose(close=False)
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -51,6 +51,7 @@ class Identified:
     command: str | None
     request_id: uuid.UUID | None
     problem: str | None  # why the body could not be read, if it could not
+    attempt: int | None = None  # the attempt that gave up: envelope attempt + Celery retries
 
 
 def identify(body: bytes, headers: dict[str, Any]) -> Identified:
@@ -63,6 +64,7 @@ def identify(body: bytes, headers: dict[str, Any]) -> Identified:
             str(envelope["type"]),
             uuid.UUID(str(envelope["request_id"])),
             None,
+            int(envelope["attempt"]) + int(headers.get("retries") or 0),
         )
     except Exception as exc:  # poison: anything at all may be in there
         saga = _uuid_or_none(headers.get("saga_id"))
@@ -100,6 +102,17 @@ def _fingerprint(queue: str, body: bytes, headers: dict[str, Any]) -> str:
     return hashlib.sha256(marker.encode() + body).hexdigest()
 
 
+def _is_sweep_tick(body: bytes, headers: dict[str, Any]) -> bool:
+    """Beat's periodic ``saga.sweep`` (a Celery message with no arguments), not a saga's work."""
+    if headers.get("task") != "saga.sweep":
+        return False
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(decoded, list) and decoded[:1] == [[]]
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -113,6 +126,11 @@ def take_in(
     routing_key: str,
 ) -> int | None:
     """Record one dead message and tell the engine; returns the row id (None: seen before)."""
+    if _is_sweep_tick(body, headers):
+        # Expired behind a busy or restarting orchestrator, or failed on a lost database
+        # connection: the next tick does the same work, so there is nothing to keep.
+        log.info("dropped a dead saga.sweep tick from %s", queue)
+        return None
     who = identify(body, headers)
     reason = _death_reason(headers, queue)
     if who.problem:
@@ -154,6 +172,7 @@ def take_in(
                 reason,
                 cause="step.dead_lettered",
                 reason=Reason.RETRIES_EXHAUSTED,
+                attempt=who.attempt,
             )
         return row_id
 

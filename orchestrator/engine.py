@@ -419,6 +419,7 @@ def on_exhausted(
     *,
     cause: str,
     reason: Reason,
+    attempt: int | None = None,
 ) -> bool:
     """The step or compensation gave up (dead-lettered, or past its deadline with no budget left).
 
@@ -429,6 +430,11 @@ def on_exhausted(
     if not awaits(saga, index, kind, request_id):
         return False
     row = saga.steps[index]
+    # A dead letter may overtake the "retrying" replies of the attempts before it.
+    if attempt is not None and kind == "action":
+        row.attempts = max(row.attempts, attempt)
+    elif attempt is not None:
+        row.comp_attempts = max(row.comp_attempts, attempt)
     attempt = row.attempts if kind == "action" else row.comp_attempts
     record(session, saga, cause, step=command, attempt=attempt, detail=why)
     _set_error(row, kind, why)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -66,3 +67,55 @@ def product(sku: str) -> dict[str, int]:
 
 def events(view: dict[str, Any]) -> list[tuple[str, str | None]]:
     return [(e["event"], e["step"]) for e in view["saga"]["timeline"]]
+
+
+def records(table: str, saga_id: str) -> list[dict[str, Any]]:
+    """A participant's (or the dead-letter intake's) rows of one saga, oldest first."""
+    assert table in ("charges", "reservations", "dead_letters")  # never interpolate anything else
+    order = "id" if table == "dead_letters" else "created_at"
+    with transaction() as session:
+        query = sa.text(f"SELECT * FROM {table} WHERE saga_id = :s ORDER BY {order}")
+        rows = session.execute(query, {"s": saga_id}).mappings()
+        return [dict(row) for row in rows]
+
+
+def assert_in_order(view: dict[str, Any], expected: list[tuple[Any, ...]]) -> None:
+    """Each expected ``(event, step[, attempt])`` is in the timeline, after the one before it."""
+    timeline = [(e["event"], e["step"], e["attempt"]) for e in view["saga"]["timeline"]]
+    position = 0
+    for wanted in expected:
+        for i in range(position, len(timeline)):
+            if timeline[i][: len(wanted)] == tuple(wanted):
+                position = i + 1
+                break
+        else:
+            raise AssertionError(f"{wanted} missing from the timeline after position {position}")
+
+
+def log_lines(log_dir: Path, needle: str, per_file: int = 60) -> str:
+    """The lines of every process log that mention ``needle`` (a saga or order id), for a report."""
+    out = []
+    for path in sorted(log_dir.glob("*.log")):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            hits = [line.rstrip() for line in f if needle in line]
+        if hits:
+            out.append(f"--- {path.name} ({len(hits)} lines, last {per_file})")
+            out.extend(hits[-per_file:])
+    return "\n".join(out)
+
+
+def describe(view: dict[str, Any], log_dir: Path | None = None) -> str:
+    """An order's state, its saga's timeline and its log lines: what a failing test prints."""
+    saga = view["saga"]
+    lines = [f"order {view['order_id']}: {view['status']} ({view['reason']}), "
+             f"saga {saga['saga_id']}: {saga['state']}"]
+    for s in saga["steps"]:
+        comp = s["compensation"]
+        lines.append(f"  {s['name']}: {s['status']} x{s['attempts']} {s['error'] or ''}"
+                     + (f" | {comp['name']}: {comp['status']} x{comp['attempts']} "
+                        f"{comp['error'] or ''}" if comp else ""))
+    lines += [f"  {e['at']} {e['event']} {e['step'] or ''} #{e['attempt']} {e['detail'] or ''}"
+              for e in saga["timeline"]]
+    if log_dir is not None:
+        lines.append(log_lines(log_dir, saga["saga_id"]))
+    return "\n".join(lines)
