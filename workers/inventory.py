@@ -5,39 +5,16 @@ record and its idempotency key.
 """
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from models.enums import Reason, ReservationStatus
 from models.participants import Reservation
 from orchestrator.celery_app import app
 from orchestrator.messages import Command, CommandPayload, ReservePayload
-from workers import stock
+from workers import records, stock
 from workers.participant import Result, participant
 
 __all__ = ["app", "release", "reserve"]
-
-
-def _claim(session: Session, command: Command, status: ReservationStatus, lines: list) -> bool:
-    """Insert the saga's reservation row; False if one exists (it is then locked for us)."""
-    inserted = session.scalar(
-        insert(Reservation)
-        .values(
-            saga_id=command.saga_id,
-            order_id=command.typed_payload().order_id,
-            status=status,
-            lines=lines,
-        )
-        .on_conflict_do_nothing(index_elements=["saga_id"])
-        .returning(Reservation.saga_id)
-    )
-    return inserted is not None
-
-
-def _existing(session: Session, command: Command) -> Reservation:
-    row = session.get(Reservation, command.saga_id, with_for_update=True, populate_existing=True)
-    assert row is not None
-    return row
 
 
 def _as_result(row: Reservation) -> Result:
@@ -51,8 +28,10 @@ def _as_result(row: Reservation) -> Result:
 @participant("inventory.reserve")
 def reserve(session: Session, command: Command, payload: ReservePayload) -> Result:
     lines = [line.model_dump() for line in payload.items]
-    if not _claim(session, command, ReservationStatus.RESERVED, lines):
-        return _as_result(_existing(session, command))
+    if not records.claim(
+        session, Reservation, command, status=ReservationStatus.RESERVED, lines=lines
+    ):
+        return _as_result(records.locked(session, Reservation, command))
     try:
         with session.begin_nested():
             stock.reserve(session, lines)
@@ -69,9 +48,9 @@ def reserve(session: Session, command: Command, payload: ReservePayload) -> Resu
 @participant("inventory.release")
 def release(session: Session, command: Command, payload: CommandPayload) -> Result:
     """release_if_reserved: gives back reserved (or sold) stock; fences a reserve not yet seen."""
-    if _claim(session, command, ReservationStatus.VOIDED, []):
+    if records.claim(session, Reservation, command, status=ReservationStatus.VOIDED, lines=[]):
         return Result(True, applied_now=True)
-    row = _existing(session, command)
+    row = records.locked(session, Reservation, command)
     bucket = {ReservationStatus.RESERVED: "reserved", ReservationStatus.SOLD: "sold"}.get(
         row.status
     )
