@@ -49,6 +49,9 @@ class SagaStep(Base):
     name: Mapped[str] = mapped_column(sa.String(64))
     status: Mapped[StepStatus] = mapped_column(enum_column(StepStatus))
     attempts: Mapped[int] = mapped_column(default=0)
+    # Attempts made before the current budget began (an operator retry grants a fresh budget
+    # while the count goes on).
+    attempts_base: Mapped[int] = mapped_column(default=0, server_default="0")
     request_id: Mapped[uuid.UUID | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -56,6 +59,7 @@ class SagaStep(Base):
     compensation: Mapped[str | None] = mapped_column(sa.String(64))
     comp_status: Mapped[CompensationStatus | None] = mapped_column(enum_column(CompensationStatus))
     comp_attempts: Mapped[int] = mapped_column(default=0)
+    comp_attempts_base: Mapped[int] = mapped_column(default=0, server_default="0")
     comp_request_id: Mapped[uuid.UUID | None]
     comp_started_at: Mapped[datetime | None]
     comp_finished_at: Mapped[datetime | None]

@@ -202,8 +202,19 @@ def snapshot_of(saga: Saga) -> Snapshot:
     )
 
 
-def awaits(saga: Saga, index: int, kind: Kind, request_id: uuid.UUID | None = None) -> bool:
-    """Is the saga waiting for this step's action (or compensation), and for this request?"""
+def awaits(
+    saga: Saga,
+    index: int,
+    kind: Kind,
+    request_id: uuid.UUID | None = None,
+    *,
+    success: bool = False,
+) -> bool:
+    """Is the saga waiting for this step's action (or compensation), and for this request?
+
+    A parked compensation still takes a late *success* of its last request: the work was done
+    after it gave up waiting, and the saga carries on compensating instead of staying parked.
+    """
     row = saga.steps[index]
     if saga.current_step != index:
         return False
@@ -213,6 +224,10 @@ def awaits(saga: Saga, index: int, kind: Kind, request_id: uuid.UUID | None = No
     else:
         waiting = (
             saga.state is SagaState.COMPENSATING and row.comp_status is CompensationStatus.RUNNING
+        ) or (
+            success
+            and saga.state is SagaState.FAILED
+            and row.comp_status is CompensationStatus.PARKED
         )
         awaited = row.comp_request_id
     return waiting and (request_id is None or request_id == awaited)
@@ -286,16 +301,16 @@ def _order_follows(session: Session, saga: Saga, state: SagaState, now: datetime
     Confirm and cancel are the orders service's own steps; only these two moves are the engine's.
     """
     if state is SagaState.FAILED:
+        # From pending, or from confirmed when a late confirm landed after the step timed out.
         values: dict[str, Any] = {"status": OrderStatus.FAILED, "reason": saga.reason}
+        sources = [OrderStatus.PENDING, OrderStatus.CONFIRMED]
     elif state is SagaState.COMPENSATING:
-        values = {"status": OrderStatus.PENDING}
+        values, sources = {"status": OrderStatus.PENDING}, [OrderStatus.FAILED]
     else:
         return
     session.execute(
         sa.update(Order)
-        .where(
-            Order.id == saga.order_id, Order.status.in_([OrderStatus.PENDING, OrderStatus.FAILED])
-        )
+        .where(Order.id == saga.order_id, Order.status.in_(sources))
         .values(updated_at=now, **values)
     )
 
@@ -369,7 +384,7 @@ def on_reply(
     """Apply one participant reply to a locked saga. Returns what happened, for the log."""
     definition = DEFINITIONS[saga.definition]
     index, kind = definition.by_command(command)
-    if not awaits(saga, index, kind, request_id):
+    if not awaits(saga, index, kind, request_id, success=outcome is ReplyOutcome.SUCCEEDED):
         return "ignored (not awaited: late or duplicate)"
     row = saga.steps[index]
     now = utcnow()
@@ -474,6 +489,11 @@ def operator_action(
         if not (saga.state is SagaState.FAILED or is_stuck(saga)):
             raise NotApplicable(f"only a stuck or failed saga can be retried (it is {saga.state})")
         record(session, saga, "operator.retry", actor=actor, detail=note)
+        current = saga.steps[saga.current_step]
+        if saga.state is SagaState.RUNNING:
+            current.attempts_base = current.attempts
+        else:
+            current.comp_attempts_base = current.comp_attempts
         transition(session, saga, OperatorRetry())
     elif action == "compensate":
         if saga.state is not SagaState.RUNNING:
@@ -521,7 +541,11 @@ def on_deadline(session: Session, saga: Saga, now: datetime) -> str | None:
         return "saga deadline"
     if row.deadline_at is None or row.deadline_at >= now:
         return None
-    attempts = row.attempts if kind == "action" else row.comp_attempts
+    # Attempts of the current budget (an operator retry starts a fresh one).
+    if kind == "action":
+        attempts = row.attempts - row.attempts_base
+    else:
+        attempts = row.comp_attempts - row.comp_attempts_base
     if attempts < retry_policy(definition, index, kind).attempts:
         record(
             session,

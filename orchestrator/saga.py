@@ -164,9 +164,10 @@ def advance(
             _expect_running_step(snap, i)
             return _turn_back(definition, snap, i, reason, partial)
         case CompensationSucceeded(i):
-            _expect_running_compensation(snap, i)
+            if not _is_parked_compensation(snap, i):  # a late success un-parks the saga
+                _expect_running_compensation(snap, i)
             done = snap.with_step(i, comp_status=CompensationStatus.SUCCEEDED)
-            return _compensate_from(definition, done, i - 1)
+            return _compensate_from(definition, replace(done, state=SagaState.COMPENSATING), i - 1)
         case CompensationParked(i):
             _expect_running_compensation(snap, i)
             parked = snap.with_step(i, comp_status=CompensationStatus.PARKED)
@@ -231,6 +232,14 @@ def _expect_running_step(snap: Snapshot, i: int) -> None:
         and snap.steps[i].status is StepStatus.RUNNING
     ):
         raise NotApplicable(f"step {i} is not the running step")
+
+
+def _is_parked_compensation(snap: Snapshot, i: int) -> bool:
+    return (
+        snap.state is SagaState.FAILED
+        and snap.current == i
+        and snap.steps[i].comp_status is CompensationStatus.PARKED
+    )
 
 
 def _expect_running_compensation(snap: Snapshot, i: int) -> None:

@@ -172,3 +172,15 @@ def test_backoff_is_full_jitter_under_an_exponential_cap() -> None:
         delays = [policy.delay(attempt, rng) for _ in range(200)]
         assert min(delays) >= 0 and max(delays) <= cap
         assert max(delays) > cap * 0.8  # the whole range is used
+
+
+def test_a_late_success_of_a_parked_compensation_resumes_the_rollback() -> None:
+    snap, _ = run(
+        StepSucceeded(RESERVE),
+        StepFailed(CHARGE, Reason.TIMEOUT, partial=True),
+        CompensationParked(CHARGE),
+    )
+    snap, commands = advance(ORDER_SAGA, snap, CompensationSucceeded(CHARGE))
+    assert (snap.state, snap.reason) == (SagaState.COMPENSATING, Reason.TIMEOUT)
+    assert snap.steps[CHARGE].comp_status is C.SUCCEEDED
+    assert commands == [Dispatch(RESERVE, "compensation")]
