@@ -1,0 +1,56 @@
+"""The chaos run's short form, for CI: about 90 s of orders, kills, cut connections and injected
+faults against a sandbox of its own (``sagactl chaos``), then every invariant must hold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.processes import sagactl
+
+DURATION_S = 90
+SEED = 20240607
+
+
+# `sagactl chaos` starts its own sandbox and processes; the session's shared system is not used,
+# so this module opts out of the integration tier's autouse fixtures that would start it.
+@pytest.fixture(autouse=True)
+def _every_process_alive() -> None:
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _audit_after_module() -> None:
+    return None
+
+
+def _invariant(report: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(c for c in report["invariants"] if c["name"] == name)
+    return found
+
+
+def test_a_short_chaos_run_loses_nothing_and_keeps_every_invariant(artifacts: Path) -> None:
+    result = subprocess.run(
+        sagactl("chaos", "--duration", str(DURATION_S), "--seed", str(SEED), "--rate", "4",
+                "--json", "--log-dir", str(artifacts / "chaos")),
+        capture_output=True, text=True, timeout=DURATION_S + 600,
+    )
+    assert result.stdout.strip(), result.stderr[-4000:]
+    report = json.loads(result.stdout)
+    broken = [c for c in report["invariants"] if not c["ok"]]
+    assert not broken, json.dumps(broken, indent=2)[:6000] + f"\nlogs: {report['log_dir']}"
+    assert _invariant(report, "every accepted order present")["detail"]["lost"] == 0
+    assert _invariant(report, "no unexpected order")["detail"]["unexpected"] == 0
+    assert report["drain"]["settled"]
+    # The run really did something: orders of every kind, and disruptions of several kinds.
+    assert report["orders"]["accepted"] >= 150
+    assert set(report["faults_injected"]) >= {"transient", "always", "fail", "crash", "hang"}
+    assert report["disruptions"]["total"] >= 10
+    assert {"kill", "close_connections", "terminate_backends"} <= set(
+        report["disruptions"]["by_action"])
+    assert not report["broker_restart"]["done"]  # the shared broker is never restarted in CI
+    assert result.returncode == 0, result.stderr[-4000:]
