@@ -31,6 +31,7 @@ def get_engine(url: str | None = None) -> sa.Engine:
         pool_size=pool_size,
         max_overflow=int(os.environ.get("SAGA_DB_POOL_OVERFLOW", "6")),
         pool_timeout=10,
+        connect_args={"connect_timeout": 5},  # a silent database must not hang /healthz
         pool_pre_ping=True,
         pool_recycle=1800,
     )

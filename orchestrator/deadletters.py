@@ -271,6 +271,7 @@ def replay(letter_id: int, actor: str) -> None:
             correlation_id=props.get("correlation_id"),
             delivery_mode=2,
             retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1},
         )
     _resolve(letter_id, DeadLetterState.REPLAYED, actor)
 

@@ -121,6 +121,7 @@ class Running:
     proc: subprocess.Popen[bytes]
     log: Path
     offset: int
+    port: int | None = None  # a web's own port (``start("web#2", PORT=...)``)
 
 
 @dataclass
@@ -137,35 +138,38 @@ class Processes:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _argv(self, name: str) -> list[str]:
+    def _argv(self, name: str, port: int) -> list[str]:
         args = list(PROCESS_TABLE[name.split("#")[0]])
         if args[0] == "web":
-            args += ["--port", str(self.port)]
+            args += ["--port", str(port)]
         return sagactl(*args)
 
     def start(self, name: str, wait: bool = True, **env: str) -> Running:
-        """Start ``name`` (``orchestrator#2`` starts a second orchestrator)."""
+        """Start ``name`` (``orchestrator#2`` starts a second orchestrator; a second web needs
+        its own ``PORT=...``)."""
         base = name.split("#")[0]
+        port = int(env.get("PORT") or self.port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name.replace('#', '-')}.log"
         offset = log.stat().st_size if log.exists() else 0
-        handle = open(log, "ab")  # noqa: SIM115 (the child owns it)
         proc_env = self.box.env(
-            SAGA_PROCESS=name,
-            PORT=str(self.port),
-            SAGA_BEAT_SCHEDULE=str(self.log_dir / f"beat-{name}.db"),
-            **self.extra_env,
-            **env,
+            **{
+                "SAGA_PROCESS": name,
+                "PORT": str(port),
+                "SAGA_BEAT_SCHEDULE": str(self.log_dir / f"beat-{name}.db"),
+                **self.extra_env,
+                **env,
+            }
         )
-        proc = subprocess.Popen(
-            self._argv(name),
-            env=proc_env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        handle.close()
-        running = Running(name, proc, log, offset)
+        with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                self._argv(name, port),
+                env=proc_env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        running = Running(name, proc, log, offset, port)
         self.running[name] = running
         if wait:
             self.wait_ready(name, base)
@@ -182,7 +186,8 @@ class Processes:
                 )
             if base == "web":
                 try:
-                    if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    url = f"http://127.0.0.1:{running.port or self.port}/healthz"
+                    if requests.get(url, timeout=1).status_code == 200:
                         return
                 except requests.RequestException:
                     pass

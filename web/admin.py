@@ -9,9 +9,9 @@ from __future__ import annotations
 import hmac
 import uuid
 from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
+import sqlalchemy as sa
 from flask import (
     Blueprint,
     Response,
@@ -23,14 +23,19 @@ from flask import (
     request,
     url_for,
 )
+from sqlalchemy.orm import Session
 
 from models.db import transaction
+from models.deadletters import DeadLetter
+from models.orders import Order
 from orchestrator import deadletters, engine, queries
 from orchestrator.saga import NotApplicable
+from web import presenters
 from web.errors import ApiError, wants_json
 from web.orders import check_csrf
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
+bp.add_app_template_filter(presenters.elapsed, "elapsed")
 
 MAX_NOTE = 500
 MAX_BULK = 200
@@ -40,10 +45,12 @@ def _authorized() -> str | None:
     auth = request.authorization
     if auth is None or auth.type != "basic":
         return None
-    user_ok = hmac.compare_digest((auth.username or "").encode(),
-                                  current_app.config["ADMIN_USER"].encode())
-    password_ok = hmac.compare_digest((auth.password or "").encode(),
-                                      current_app.config["ADMIN_PASSWORD"].encode())
+    user_ok = hmac.compare_digest(
+        (auth.username or "").encode(), current_app.config["ADMIN_USER"].encode()
+    )
+    password_ok = hmac.compare_digest(
+        (auth.password or "").encode(), current_app.config["ADMIN_PASSWORD"].encode()
+    )
     return auth.username if user_ok and password_ok else None
 
 
@@ -51,8 +58,12 @@ def _authorized() -> str | None:
 def _require_admin() -> None:
     user = _authorized()
     if user is None:
-        raise ApiError(401, "unauthorized", "admin credentials required",
-                       headers={"WWW-Authenticate": 'Basic realm="saga admin", charset="UTF-8"'})
+        raise ApiError(
+            401,
+            "unauthorized",
+            "admin credentials required",
+            headers={"WWW-Authenticate": 'Basic realm="saga admin", charset="UTF-8"'},
+        )
     g.admin_user = user
 
 
@@ -63,7 +74,8 @@ def _action_body() -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ApiError(400, "malformed_json", "the body must be a JSON object")
         return data
-    if request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+    # A body-less post is what a cross-site page can send without a preflight: a form's rules.
+    if request.mimetype in ("", "application/x-www-form-urlencoded", "multipart/form-data"):
         check_csrf()
         return request.form.to_dict()
     raise ApiError(415, "unsupported_media_type", "send JSON or a form with its CSRF token")
@@ -74,8 +86,12 @@ def _note(body: dict[str, Any]) -> str | None:
     if note is None or note == "":
         return None
     if not isinstance(note, str) or len(note) > MAX_NOTE or "\x00" in note:
-        raise ApiError(422, "validation_failed", "invalid note",
-                       [{"field": "note", "message": f"a text of at most {MAX_NOTE} characters"}])
+        raise ApiError(
+            422,
+            "validation_failed",
+            "invalid note",
+            [{"field": "note", "message": f"a text of at most {MAX_NOTE} characters"}],
+        )
     return note
 
 
@@ -107,11 +123,49 @@ def sagas() -> Response | str:
     with transaction() as session:
         items, next_cursor = queries.list_sagas(session, state, q, cursor)
         counts = queries.counts(session)
+        customers = _customers(session, items) if not wants_json() else {}
     next_token = next_cursor.encode() if next_cursor else None
     if wants_json():
         return jsonify({"sagas": items, "counts": counts, "next": next_token})
-    return render_template("admin/sagas.html", sagas=items, counts=counts, state=state, q=q or "",
-                           next=next_token, states=queries.STATES)
+    return render_template(
+        "admin/sagas.html",
+        sagas=items,
+        counts=counts,
+        state=state,
+        q=q or "",
+        next=next_token,
+        paged=cursor is not None,
+        states=queries.STATES,
+        customers=customers,
+    )
+
+
+def _customers(session: Session, items: list[dict[str, Any]]) -> dict[str, str]:
+    """Order id -> customer id, for the HTML list (one indexed lookup for the page)."""
+    ids = [uuid.UUID(item["order_id"]) for item in items]
+    rows = session.execute(sa.select(Order.id, Order.customer_id).where(Order.id.in_(ids)))
+    return {str(order_id): customer for order_id, customer in rows}
+
+
+def _letters_of(session: Session, saga_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The saga's dead letters (index on saga_id), bodies masked for people."""
+    rows = session.scalars(
+        sa.select(DeadLetter).where(DeadLetter.saga_id == saga_id).order_by(DeadLetter.id.desc())
+    )
+    return [_letter_view(d) for d in rows]
+
+
+def _letter_view(d: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "saga_id": str(d.saga_id) if d.saga_id else None,
+        "step": d.step,
+        "queue": d.queue,
+        "reason": d.reason,
+        "at": d.at.isoformat(),
+        "state": d.state.value,
+        "body": deadletters.body_preview(d),
+    }
 
 
 @bp.get("/sagas/<saga_id>")
@@ -119,14 +173,20 @@ def saga(saga_id: str) -> Response | str:
     ident = _uuid_or_404(saga_id)
     with transaction() as session:
         view = queries.saga_detail(session, ident)
-        letters = [
-            letter for letter in deadletters.list_letters(session) if letter.saga_id == ident
-        ] if view else []
+        letters = _letters_of(session, ident) if view and not wants_json() else []
     if view is None:
         raise ApiError(404, "not_found", "no such saga")
     if wants_json():
         return jsonify(view)
-    return render_template("admin/saga.html", saga=view, letters=letters)
+    return render_template(
+        "admin/saga.html",
+        saga=view,
+        letters=letters,
+        now=engine.utcnow().isoformat(),
+        can_retry=view["state"] == "failed" or view["stuck"],
+        can_compensate=view["state"] == "running",
+        reason_text=presenters.REASON_TEXT.get(view["reason"] or "", ""),
+    )
 
 
 def _act(saga_id: uuid.UUID, action: str, note: str | None) -> tuple[int, str | None]:
@@ -160,8 +220,9 @@ def _action_route(action: str) -> Callable[[str], Response]:
 
 
 bp.add_url_rule("/sagas/<saga_id>/retry", view_func=_action_route("retry"), methods=["POST"])
-bp.add_url_rule("/sagas/<saga_id>/compensate", view_func=_action_route("compensate"),
-                methods=["POST"])
+bp.add_url_rule(
+    "/sagas/<saga_id>/compensate", view_func=_action_route("compensate"), methods=["POST"]
+)
 
 
 @bp.post("/sagas/bulk")
@@ -169,16 +230,27 @@ def bulk() -> Response:
     body = _action_body()
     action = body.get("action")
     if action not in ("retry", "compensate"):
-        raise ApiError(422, "validation_failed", "invalid action",
-                       [{"field": "action", "message": "must be retry or compensate"}])
+        raise ApiError(
+            422,
+            "validation_failed",
+            "invalid action",
+            [{"field": "action", "message": "must be retry or compensate"}],
+        )
     ids = body.get("saga_ids")
     if request.mimetype != "application/json":
         ids = request.form.getlist("saga_ids")
-    if not isinstance(ids, list) or not ids or len(ids) > MAX_BULK or not all(
-        isinstance(i, str) for i in ids
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or len(ids) > MAX_BULK
+        or not all(isinstance(i, str) for i in ids)
     ):
-        raise ApiError(422, "validation_failed", "invalid saga_ids",
-                       [{"field": "saga_ids", "message": f"a list of 1 to {MAX_BULK} ids"}])
+        raise ApiError(
+            422,
+            "validation_failed",
+            "invalid saga_ids",
+            [{"field": "saga_ids", "message": f"a list of 1 to {MAX_BULK} ids"}],
+        )
     note = _note(body)
     results = []
     for raw in ids:
@@ -188,21 +260,16 @@ def bulk() -> Response:
             status = 404
         results.append({"saga_id": raw, "status": status})
     if request.mimetype != "application/json":
-        return redirect(url_for("admin.sagas", state=request.form.get("return_state") or None),
-                        code=303)  # type: ignore[return-value]
+        return redirect(
+            url_for("admin.sagas", state=request.form.get("return_state") or None), code=303
+        )  # type: ignore[return-value]
     return jsonify({"results": results})
 
 
 @bp.get("/dead-letters")
 def dead_letters() -> Response | str:
     with transaction() as session:
-        letters = deadletters.list_letters(session)
-        items = [
-            {"id": d.id, "saga_id": str(d.saga_id) if d.saga_id else None, "step": d.step,
-             "queue": d.queue, "reason": d.reason, "at": d.at.isoformat(),
-             "state": d.state.value, "body": deadletters.body_preview(d)}
-            for d in letters
-        ]
+        items = [_letter_view(d) for d in deadletters.list_letters(session)]
     if wants_json():
         return jsonify({"dead_letters": items})
     return render_template("admin/dead_letters.html", letters=items)
@@ -227,7 +294,13 @@ def _letter_route(verb: str, act: Callable[[int, str], None]) -> Callable[[int],
     return view
 
 
-bp.add_url_rule("/dead-letters/<int:letter_id>/replay",
-                view_func=_letter_route("replayed", deadletters.replay), methods=["POST"])
-bp.add_url_rule("/dead-letters/<int:letter_id>/discard",
-                view_func=_letter_route("discarded", deadletters.discard), methods=["POST"])
+bp.add_url_rule(
+    "/dead-letters/<int:letter_id>/replay",
+    view_func=_letter_route("replayed", deadletters.replay),
+    methods=["POST"],
+)
+bp.add_url_rule(
+    "/dead-letters/<int:letter_id>/discard",
+    view_func=_letter_route("discarded", deadletters.discard),
+    methods=["POST"],
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from orchestrator import health, metrics
+from web import openapi
 
 bp = Blueprint("ops", __name__)
 
@@ -20,4 +21,11 @@ def healthz() -> Response:
 
 @bp.get("/metrics")
 def prometheus() -> Response:
-    return Response(metrics.render(), mimetype=metrics.CONTENT_TYPE)
+    response = Response(metrics.render(), content_type=metrics.CONTENT_TYPE)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return jsonify(openapi.spec())

@@ -1,4 +1,4 @@
-"""Web tier: the Flask app in-process (test client) against the session's real PostgreSQL sandbox.
+"""Web tier: the Flask app in-process (test client) against a real PostgreSQL sandbox of its own.
 
 No worker runs here: orders are accepted and written (order, saga, outbox row) but not processed.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,8 +17,26 @@ from flask.testing import FlaskClient
 from orchestrator.harness import Sandbox
 
 
-@pytest.fixture(scope="session")
-def app(sandbox: Sandbox) -> Flask:
+@pytest.fixture(scope="package")
+def web_sandbox(sandbox: Sandbox) -> Iterator[Sandbox]:
+    """A database and vhost for this tier alone. Its sagas are moved by hand, so the session's
+    `system` (alive once an integration or e2e test started it) must never run them, nor its
+    audits see them; the process points back at the session's sandbox when the tier ends."""
+    from models.db import get_engine
+    from orchestrator.harness import use_sandbox
+
+    box = Sandbox.create("sagaweb")
+    use_sandbox(box)
+    try:
+        yield box
+    finally:
+        get_engine().dispose()
+        use_sandbox(sandbox)
+        box.destroy()
+
+
+@pytest.fixture(scope="package")
+def app(web_sandbox: Sandbox) -> Flask:
     from web import create_app
 
     return create_app({"TESTING": True})
