@@ -124,9 +124,17 @@ def _catalogue() -> list[dict[str, Any]]:
         return queries.products(session)
 
 
+# SKUs seen in the catalogue. Products are never deleted, so a SKU once known stays known and
+# the hot path skips a database round trip; an unseen SKU is always looked up.
+_seen_skus: set[str] = set()
+
+
 def _known_skus(skus: list[str]) -> set[str]:
-    with transaction() as session:
-        return queries.known_skus(session, skus)
+    unseen = [sku for sku in skus if sku not in _seen_skus]
+    if unseen:
+        with transaction() as session:
+            _seen_skus.update(queries.known_skus(session, unseen))
+    return {sku for sku in skus if sku in _seen_skus}
 
 
 @bp.get("/")
