@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from orchestrator.client import Api
@@ -13,19 +14,28 @@ from orchestrator.harness import (
     close_broker_connections,
     terminate_database_connections,
 )
-from tests.integration.helpers import make_product, order_body, place, product, settle_and_audit
+from tests.integration.helpers import make_product, order_body, product, settle_and_audit
+
+
+def _place_until_accepted(url: str, body: dict) -> dict:
+    """A careful client: on 503 (database unavailable) it retries with the same Idempotency-Key."""
+    key = str(uuid.uuid4())
+    client = Api.connect(url)
+    for _ in range(20):
+        response = client.place(body, key)
+        if response.status_code != 503:
+            assert response.status_code in (200, 202), response.text
+            accepted: dict = response.json()
+            return accepted
+        time.sleep(0.2)
+    raise AssertionError("still 503 after 20 tries")
 
 
 def _load(api: Api, sku: str, n: int) -> list[dict]:
+    tokens = ["tok_visa" if i % 3 else "tok_chargeDeclined" for i in range(n)]
     with ThreadPoolExecutor(max_workers=4) as pool:
         return list(
-            pool.map(
-                lambda i: place(
-                    Api.connect(api.url),
-                    order_body(sku, token="tok_visa" if i % 3 else "tok_chargeDeclined"),
-                ),
-                range(n),
-            )
+            pool.map(lambda t: _place_until_accepted(api.url, order_body(sku, token=t)), tokens)
         )
 
 
