@@ -372,7 +372,8 @@ def chaos(as_json: bool, **options: Any) -> None:
               help="seconds idle to measure background commits")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
               help="py-spy each process during the saga phase into DIR")
-@click.option("--profile-idle", is_flag=True, help="profile wall time (py-spy --idle)")
+@click.option("--profile-mode", type=click.Choice(["cpu", "wall"]), default="cpu",
+              show_default=True, help="cpu: py-spy --gil; wall: py-spy --idle (waits included)")
 @click.option("--keep-logs", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench(as_json: bool, **options: Any) -> None:
