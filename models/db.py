@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
 
+_RETRYING_PROCESSES = {"orchestrator", "inventory", "payment", "orders", "relay"}
+
 # SQLSTATEs worth retrying as a whole transaction: serialization failure, deadlock.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
@@ -32,7 +34,9 @@ def get_engine(url: str | None = None) -> sa.Engine:
         max_overflow=int(os.environ.get("SAGA_DB_POOL_OVERFLOW", "6")),
         pool_timeout=10,
         connect_args={"connect_timeout": 5},  # a silent database must not hang /healthz
-        pool_pre_ping=True,
+        # A ping per checkout costs a round trip; the workers and the relay rerun a transaction
+        # whose connection died (run_in_transaction), so only other processes pay for it.
+        pool_pre_ping=os.environ.get("SAGA_PROCESS") not in _RETRYING_PROCESSES,
         pool_recycle=1800,
     )
 

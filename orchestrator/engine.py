@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from models.catalog import Product
 from models.enums import CompensationStatus, OrderStatus, Reason, SagaState, StepStatus
@@ -172,8 +172,13 @@ def start_order(session: Session, new: NewOrder) -> Started:
 
 def lock_saga(session: Session, saga_id: uuid.UUID, *, skip_locked: bool = False) -> Saga | None:
     """The saga row, locked for this transaction: the one point that serializes transitions."""
-    query = sa.select(Saga).where(Saga.id == saga_id).with_for_update(skip_locked=skip_locked)
-    return session.scalars(query).one_or_none()
+    query = (
+        sa.select(Saga)
+        .options(joinedload(Saga.steps))  # one round trip for the saga and its steps
+        .where(Saga.id == saga_id)
+        .with_for_update(of=Saga, skip_locked=skip_locked)
+    )
+    return session.scalars(query).unique().one_or_none()
 
 
 def record(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -36,6 +37,20 @@ class Placement:
     created: bool
 
 
+_backlog_checked = {"at": -1.0, "over": False}
+BACKLOG_CHECK_S = 0.2
+
+
+def _backlogged(session: Session) -> bool:
+    """Is the outbox over its limit? Counted at most every BACKLOG_CHECK_S per process: the
+    count is the most expensive query of an order, and backpressure need not be exact."""
+    now = time.monotonic()
+    if now - _backlog_checked["at"] >= BACKLOG_CHECK_S:
+        limit = settings().outbox_limit
+        _backlog_checked.update(at=now, over=outbox.backlog(session, limit) > limit)
+    return bool(_backlog_checked["over"])
+
+
 def _existing(session: Session, key: str, fingerprint: str) -> Placement | None:
     row = session.get(IdempotencyKey, key)
     if row is None:
@@ -57,7 +72,7 @@ def place_order(new: engine.NewOrder, key: str | None = None, fingerprint: str =
                 found = _existing(session, key, fingerprint)
                 if found:
                     return found
-            if outbox.backlog(session, settings().outbox_limit) > settings().outbox_limit:
+            if _backlogged(session):
                 raise Backlogged()
             started = engine.start_order(session, new)
             if key is not None:
