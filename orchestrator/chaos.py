@@ -18,19 +18,10 @@ from typing import Any
 from orchestrator import chaos_checks as checks
 from orchestrator.chaos_faults import Disruptor
 from orchestrator.chaos_load import Load, create_products
+from orchestrator.harness import SHORT_TIMINGS
 
-# Short retries and deadlines, so a run of minutes sees many of them (as tests/conftest.py).
-CHAOS_TIMINGS = {
-    "SAGA_FAULT_INJECTION": "1",
-    "SAGA_RETRY_ATTEMPTS": "3",
-    "SAGA_RETRY_BASE_S": "0.05",
-    "SAGA_RETRY_MAX_S": "0.2",
-    "SAGA_COMPENSATION_ATTEMPTS": "3",
-    "SAGA_STEP_TIMEOUT_S": "4",
-    "SAGA_SWEEP_S": "1",
-    "SAGA_DEADLINE_S": "60",
-    "SAGA_WORKER_CONCURRENCY": "2",
-}
+# Short retries and deadlines, so a run of minutes sees many of them.
+CHAOS_TIMINGS = {**SHORT_TIMINGS, "SAGA_DEADLINE_S": "60"}
 LONG_FORM_S = 300  # RabbitMQ is restarted only by a run at least this long (and when allowed)
 
 

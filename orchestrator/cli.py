@@ -248,15 +248,7 @@ def dlq_list(as_json: bool, show_all: bool) -> None:
 
     with transaction() as session:
         rows = [
-            {
-                "id": d.id,
-                "saga_id": str(d.saga_id) if d.saga_id else None,
-                "step": d.step,
-                "queue": d.queue,
-                "reason": d.reason,
-                "at": d.at.isoformat(),
-                "state": d.state.value,
-            }
+            deadletters.as_dict(d)
             for d in deadletters.list_letters(session, limit=1000)
             if show_all or d.state.value == "dead"
         ]

@@ -305,5 +305,21 @@ def body_preview(letter: DeadLetter, limit: int = 4000) -> str:
     return mask_text(text)[:limit]
 
 
+def as_dict(letter: DeadLetter, *, with_body: bool = False) -> dict[str, Any]:
+    """The contract's view of a dead letter (the body, masked, only when asked)."""
+    view: dict[str, Any] = {
+        "id": letter.id,
+        "saga_id": str(letter.saga_id) if letter.saga_id else None,
+        "step": letter.step,
+        "queue": letter.queue,
+        "reason": letter.reason,
+        "at": letter.at.isoformat(),
+        "state": letter.state.value,
+    }
+    if with_body:
+        view["body"] = body_preview(letter)
+    return view
+
+
 def list_letters(session: Session, limit: int = 200) -> list[DeadLetter]:
     return list(session.scalars(sa.select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)))

@@ -27,6 +27,19 @@ import sqlalchemy as sa
 from orchestrator.config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL
 from orchestrator.processes import PROCESS_TABLE, sagactl
 
+# Short retries and deadlines for a system under test (tests, chaos): the contract's variables.
+SHORT_TIMINGS = {
+    "SAGA_FAULT_INJECTION": "1",
+    "SAGA_RETRY_ATTEMPTS": "3",
+    "SAGA_RETRY_BASE_S": "0.05",
+    "SAGA_RETRY_MAX_S": "0.2",
+    "SAGA_COMPENSATION_ATTEMPTS": "3",
+    "SAGA_STEP_TIMEOUT_S": "4",
+    "SAGA_SWEEP_S": "1",
+    "SAGA_DEADLINE_S": "120",
+    "SAGA_WORKER_CONCURRENCY": "2",
+}
+
 READY_MARKERS = {
     "orchestrator": "ready.",
     "inventory": "ready.",

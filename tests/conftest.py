@@ -11,22 +11,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from orchestrator.harness import SHORT_TIMINGS
+
 if TYPE_CHECKING:  # imported lazily at run time: the unit tier needs no services
     from orchestrator.client import Api
     from orchestrator.harness import Processes, Sandbox
 
 # Short timings for every process a test starts (the contract's variables).
-TEST_TIMINGS = {
-    "SAGA_FAULT_INJECTION": "1",
-    "SAGA_RETRY_ATTEMPTS": "3",
-    "SAGA_RETRY_BASE_S": "0.05",
-    "SAGA_RETRY_MAX_S": "0.2",
-    "SAGA_COMPENSATION_ATTEMPTS": "3",
-    "SAGA_STEP_TIMEOUT_S": "4",
-    "SAGA_SWEEP_S": "1",
-    "SAGA_DEADLINE_S": "120",
-    "SAGA_WORKER_CONCURRENCY": "2",
-}
+TEST_TIMINGS = SHORT_TIMINGS
 
 
 @pytest.fixture(scope="session")

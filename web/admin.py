@@ -156,16 +156,7 @@ def _letters_of(session: Session, saga_id: uuid.UUID) -> list[dict[str, Any]]:
 
 
 def _letter_view(d: DeadLetter) -> dict[str, Any]:
-    return {
-        "id": d.id,
-        "saga_id": str(d.saga_id) if d.saga_id else None,
-        "step": d.step,
-        "queue": d.queue,
-        "reason": d.reason,
-        "at": d.at.isoformat(),
-        "state": d.state.value,
-        "body": deadletters.body_preview(d),
-    }
+    return deadletters.as_dict(d, with_body=True)
 
 
 @bp.get("/sagas/<saga_id>")
