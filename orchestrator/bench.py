@@ -553,7 +553,8 @@ def machine(db: Db) -> dict[str, Any]:
                                 text=True, timeout=10, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return {"code": commit or None, "nproc": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    return {"code": commit or None, "nproc": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "celery": celery.__version__,
             "kombu": kombu.__version__, "sqlalchemy": sa.__version__,
             "psycopg": psycopg.__version__, "postgresql": server}
@@ -661,7 +662,7 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
     else:
         messages_per_saga = (messages["commands"] + messages["replies"]) / n_done
         method = ("counted: outbox rows (commands the relay published) + participant replies "
-                  "(reply events recorded); the sweep's own message every SAGA_SWEEP_S not included")
+                  "(reply events recorded); the sweep's message every SAGA_SWEEP_S not included")
     report: dict[str, Any] = {
         "n": opts.n, "mode": opts.mode, "concurrency": opts.concurrency, "rate": opts.rate,
         "target": opts.url or "sandbox",
@@ -680,6 +681,8 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
                     "net": round(net, 1), "window_s": round(t1 - t0, 1)},
         "rows_per_saga": rows,
         "cpu_ms_per_saga": round(sum(saga_cpu.values()) * 1000 / n_done, 2),
+        "cpu_scope": ("the bench, PostgreSQL and RabbitMQ only (a running system's processes are "
+                      "not known to the bench)") if opts.url else "every process of the sandbox",
         "load_after": _load(),
         "machine": machine(db),
     }
@@ -713,7 +716,8 @@ def render(report: dict[str, Any]) -> str:
                      f"p99 {figures.get('p99_ms')} ms")
     lines.append("rows written per saga: " + ", ".join(
         f"{k} {v}" for k, v in report["rows_per_saga"].items()))
-    lines.append(f"CPU per saga: {report['cpu_ms_per_saga']} ms; seconds by process: "
+    lines.append(f"CPU per saga: {report['cpu_ms_per_saga']} ms ({report['cpu_scope']}); "
+                 "seconds by process: "
                  + ", ".join(f"{k} {v}" for k, v in saga["cpu_s"].items()))
     if raw.get("cpu_s"):
         lines.append("raw CPU seconds: " + ", ".join(f"{k} {v}" for k, v in raw["cpu_s"].items()))

@@ -58,6 +58,9 @@ def test_the_saga_side_reports_every_figure(report: dict[str, Any]) -> None:
     assert saga["sagas_per_s"] > 0
     _sane_latencies(saga)
     assert 0 < saga["post_p50_ms"] <= saga["post_p99_ms"]
+    for hop in ("relay_pickup", "sent_to_reply_applied"):
+        figures = saga["hops_ms"][hop]
+        assert 0 <= figures["p50_ms"] <= figures["max_ms"], saga["hops_ms"]
     busy = {k: v for k, v in saga["cpu_s"].items() if v > 0}
     assert {"web", "orchestrator", "relay", "inventory", "payment", "orders"} <= set(busy)
 
