@@ -18,10 +18,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+OWN_SYSTEM = "own_system"  # a module that starts a system of its own (bench, chaos)
+
+
+def _shared_system(request: pytest.FixtureRequest) -> Processes | None:
+    if request.node.get_closest_marker(OWN_SYSTEM):
+        return None
+    system: Processes = request.getfixturevalue("system")
+    return system
+
+
 @pytest.fixture(autouse=True)
-def _every_process_alive(system: Processes) -> Iterator[None]:
+def _every_process_alive(request: pytest.FixtureRequest) -> Iterator[None]:
     """A test that kills a process must leave the system whole for the next one."""
+    system = _shared_system(request)
     yield
+    if system is None:
+        return
     for name in list(system.running):
         if "#" in name:
             if system.alive(name):
@@ -32,8 +45,11 @@ def _every_process_alive(system: Processes) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _audit_after_module(system: Processes) -> Iterator[None]:
+def _audit_after_module(request: pytest.FixtureRequest) -> Iterator[None]:
     """After every integration module, the invariants hold (what ``sagactl audit`` checks)."""
+    system = _shared_system(request)
     yield
+    if system is None:
+        return
     report = settle_and_audit()
     assert report.ok, report.violations

@@ -20,16 +20,8 @@ N = 20
 LATENCY_KEYS = ("p50_ms", "p95_ms", "p99_ms", "max_ms")
 
 
-# `sagactl bench` starts its own sandbox and processes; the session's shared system is not used,
-# so this module opts out of the integration tier's autouse fixtures that would start it.
-@pytest.fixture(autouse=True)
-def _every_process_alive() -> None:
-    return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _audit_after_module() -> None:
-    return None
+# `sagactl bench` starts its own sandbox and processes, not the session's shared system.
+pytestmark = pytest.mark.own_system
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,8 @@ DURATION_S = 90
 SEED = 20240607
 
 
-# `sagactl chaos` starts its own sandbox and processes; the session's shared system is not used,
-# so this module opts out of the integration tier's autouse fixtures that would start it.
-@pytest.fixture(autouse=True)
-def _every_process_alive() -> None:
-    return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _audit_after_module() -> None:
-    return None
+# `sagactl chaos` starts its own sandbox and processes, not the session's shared system.
+pytestmark = pytest.mark.own_system
 
 
 def _invariant(report: dict[str, Any], name: str) -> dict[str, Any]:
