@@ -134,9 +134,9 @@ def test_every_command_delivered_twice_changes_nothing(api: Api, system: Process
     with transaction() as session:
         rows = list(
             session.scalars(
-                sa.select(OutboxMessage).where(
-                    OutboxMessage.saga_id == uuid.UUID(placed["saga_id"])
-                )
+                sa.select(OutboxMessage)
+                .where(OutboxMessage.saga_id == uuid.UUID(placed["saga_id"]))
+                .order_by(OutboxMessage.id)  # the order they were written in
             )
         )
     assert [r.task for r in rows] == ["inventory.reserve", "payment.charge", "orders.confirm"]
