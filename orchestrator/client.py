@@ -9,7 +9,7 @@ from typing import Any
 
 import requests
 
-FINAL_ORDER_STATUSES = ("confirmed", "cancelled", "failed")
+from models.enums import SagaState
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Api:
         final: Callable[[dict[str, Any]], bool] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Poll until every order (and its saga) is final or the time is up."""
-        is_final = final or (lambda o: o["saga"]["state"] in ("completed", "compensated", "failed"))
+        is_final = final or (lambda o: SagaState(o["saga"]["state"]).final)
         pending = list(order_ids)
         done: dict[str, dict[str, Any]] = {}
         deadline = time.monotonic() + timeout_s
