@@ -9,7 +9,7 @@
 """
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
 
 from orchestrator.config import settings
 from orchestrator.topology import SERVICE_QUEUES, TASK_EXCHANGE, queue_for_task
@@ -72,6 +72,14 @@ def _fresh_pool_after_fork(**_: object) -> None:
     from models.db import dispose_after_fork
 
     dispose_after_fork()
+
+
+@worker_process_shutdown.connect
+def _write_sent_marks(**_: object) -> None:
+    """A child leaving cleanly marks what its fast path published (else the relay resends it)."""
+    from orchestrator import fastpath
+
+    fastpath.flush()
 
 
 @setup_logging.connect

@@ -85,6 +85,8 @@ class Settings:
     saga_deadline_s: float
     sweep_s: float
     outbox_limit: int
+    outbox_fast_path: bool
+    outbox_grace_s: float
     worker_concurrency: int
     prefetch: int
 
@@ -138,6 +140,8 @@ def load_settings() -> Settings:
         saga_deadline_s=_float("SAGA_DEADLINE_S", 300.0),
         sweep_s=_float("SAGA_SWEEP_S", 5.0),
         outbox_limit=_int("SAGA_OUTBOX_LIMIT", 10_000),
+        outbox_fast_path=os.environ.get("SAGA_OUTBOX_FAST_PATH", "1") != "0",
+        outbox_grace_s=_float("SAGA_OUTBOX_GRACE_S", 5.0),
         worker_concurrency=_int("SAGA_WORKER_CONCURRENCY", 2),
         prefetch=_int("SAGA_PREFETCH", 4),
     )

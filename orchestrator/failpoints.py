@@ -8,7 +8,12 @@ import os
 import signal
 from pathlib import Path
 
-NAMES = ("relay.after_publish", "orchestrator.after_commit")
+NAMES = (
+    "relay.after_publish",
+    "orchestrator.after_commit",  # committed; its fast path already published (or gave up)
+    "orchestrator.before_publish",  # committed, fast path not yet published: the relay sends it
+    "orchestrator.after_publish",  # published, not yet marked sent: the relay sends it again
+)
 
 
 def hit(name: str) -> None:

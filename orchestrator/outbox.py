@@ -1,7 +1,9 @@
 """The transactional outbox: commands are rows committed with the state change that caused them.
 
-``enqueue`` adds a row inside the caller's transaction (and a NOTIFY that fires on commit). The
-relay claims unsent rows under ``FOR UPDATE SKIP LOCKED`` (so two relays never publish one row at
+``enqueue`` adds a row inside the caller's transaction. With the fast path on (the default), the
+writer publishes its own rows right after commit (orchestrator/fastpath.py) and the relay only
+sends rows left unsent for longer than ``SAGA_OUTBOX_GRACE_S``; with it off, ``enqueue`` adds a
+NOTIFY that fires on commit and wakes the relay at once. The relay claims unsent rows under ``FOR UPDATE SKIP LOCKED`` (so two relays never publish one row at
 the same time), publishes them as Celery task messages with pipelined publisher confirms, and marks
 them sent in the same transaction. A relay killed after publishing and before its commit leaves the
 rows unsent: they are published again, and the participants' idempotency makes that harmless.
@@ -24,7 +26,7 @@ from kombu.serialization import dumps
 from sqlalchemy.orm import Session
 
 from models.outbox import OutboxMessage
-from orchestrator import failpoints
+from orchestrator import failpoints, fastpath
 from orchestrator.celery_app import app as celery_app
 from orchestrator.config import settings
 from orchestrator.messages import trace_headers
@@ -34,21 +36,45 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "outbox"
 BATCH = 500
+_TABLE = cast(sa.Table, OutboxMessage.__table__)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """The columns a message is built from (a row of the outbox, before or after it is written)."""
+
+    message_id: uuid.UUID
+    task: str
+    queue: str
+    headers: dict[str, Any]
+    envelope: dict[str, Any]
 
 
 def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
     """Add a command to the outbox in the caller's transaction."""
-    session.add(
-        OutboxMessage(
-            message_id=uuid.uuid4(),
+    row = _Row(
+        message_id=uuid.uuid4(),
+        task=task,
+        queue=queue_for_task(task),
+        headers=trace_headers(envelope),
+        envelope=envelope,
+    )
+    session.execute(
+        sa.insert(_TABLE).values(
+            message_id=row.message_id,
             saga_id=uuid.UUID(str(envelope["saga_id"])),
-            task=task,
-            queue=queue_for_task(task),
-            headers=trace_headers(envelope),
-            envelope=envelope,
+            task=row.task,
+            queue=row.queue,
+            headers=row.headers,
+            envelope=row.envelope,
         )
     )
-    session.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
+    if fastpath.enabled():
+        session.info.setdefault(fastpath.PENDING_KEY, []).append(
+            fastpath.Pending(row.message_id, row)
+        )
+    else:
+        session.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
 
 
 def backlog(session: Session, limit: int) -> int:
@@ -112,8 +138,9 @@ def to_wire(row: Any) -> _Wire:
 class ConfirmingPublisher:
     """Publishes a batch on one channel in confirm mode and waits for every confirm at the end."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, connect_timeout_s: float = 5.0) -> None:
         self._url = url
+        self._connect_timeout_s = connect_timeout_s
         self._conn: amqp.Connection | None = None
         self._channel: Any = None
         self._next_tag = 1
@@ -123,7 +150,11 @@ class ConfirmingPublisher:
     def _connect(self) -> None:
         from kombu import Connection
 
-        kconn = Connection(self._url, transport_options={"confirm_publish": False})
+        kconn = Connection(
+            self._url,
+            connect_timeout=self._connect_timeout_s,
+            transport_options={"confirm_publish": False},
+        )
         kconn.connect()
         declare_all(kconn.default_channel)
         self._conn = kconn.connection
@@ -175,7 +206,7 @@ class ConfirmingPublisher:
 
 def relay_once(session: Session, publisher: ConfirmingPublisher, min_age_s: float = 0.0) -> int:
     """Claim up to BATCH unsent rows, publish them, mark them sent. Returns how many."""
-    table = cast(sa.Table, OutboxMessage.__table__)
+    table = _TABLE
     # Core, not the ORM: the relay's hot path needs rows, not tracked objects.
     query = (
         sa.select(
@@ -217,11 +248,17 @@ def _listen_connection() -> psycopg.Connection[Any]:
 
 
 def run_relay(stop: Any = None, poll_s: float = 1.0) -> None:
-    """The relay's loop: drain the outbox, then sleep until a NOTIFY (or poll_s) wakes it."""
+    """The relay's loop: drain the outbox, then sleep until a NOTIFY (or poll_s) wakes it.
+
+    A NOTIFY comes from a writer without the fast path: its rows are sent at once. A poll sends
+    only rows older than the grace period, which the fast path of their writer did not mark sent.
+    """
     from models.db import transaction
 
     publisher = ConfirmingPublisher(settings().broker_url)
     listener: psycopg.Connection[Any] | None = None
+    grace_s = settings().outbox_grace_s
+    min_age_s = grace_s  # the first round after a (re)start, like any poll
     log.info("relay started")
     while not (stop and stop.is_set()):
         try:
@@ -229,15 +266,16 @@ def run_relay(stop: Any = None, poll_s: float = 1.0) -> None:
                 listener = _listen_connection()
             while True:
                 with transaction() as session:
-                    sent = relay_once(session, publisher)
+                    sent = relay_once(session, publisher, min_age_s=min_age_s)
                 if sent:
                     log.debug("relayed %d outbox rows", sent)
                 if sent < BATCH:
                     break
             ready, _, _ = select.select([listener.fileno()], [], [], poll_s)
+            min_age_s = grace_s
             if ready:
                 for _ in listener.notifies(timeout=0):
-                    pass
+                    min_age_s = 0.0
         except Exception:
             log.exception("relay cycle failed; reconnecting")
             publisher.close()

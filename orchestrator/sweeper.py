@@ -55,8 +55,8 @@ def _act(saga_id: uuid.UUID) -> bool:
 
 
 def relay_stale_outbox() -> int:
-    """Publish rows older than a sweep interval: the relay is down or was killed mid-batch."""
-    age = settings().sweep_s
+    """Publish rows a sweep interval past the relay's grace: the relay is down or was killed."""
+    age = settings().sweep_s + settings().outbox_grace_s
     with transaction() as session:
         stale = session.scalar(
             sa.select(sa.func.count())

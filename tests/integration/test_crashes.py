@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from models.db import transaction
@@ -19,6 +21,8 @@ from orchestrator.client import Api
 from orchestrator.harness import Processes
 from orchestrator.messages import ReplyOutcome, ReplyPayload, make_reply, parse_command
 from tests.integration.helpers import make_product, order_body, place, product, wait_final
+
+FAST_PATH_WRITERS = ("web", "orchestrator")
 
 
 def arm(point: str) -> Path:
@@ -36,6 +40,23 @@ def wait_until(check, timeout_s: float = 30, what: str = "condition") -> None:  
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def unsent(saga_id: str) -> int:
+    with transaction() as session:
+        count = session.scalar(
+            sa.text("SELECT count(*) FROM outbox WHERE saga_id = :s AND sent_at IS NULL"),
+            {"s": saga_id},
+        )
+    return int(count or 0)
+
+
+def charged(saga_id: str) -> int:
+    with transaction() as session:
+        total = session.scalar(
+            sa.text("SELECT sum(amount_cents) FROM charges WHERE saga_id = :s"), {"s": saga_id}
+        )
+    return int(total or 0)
+
+
 def effects(saga_id: str) -> dict[str, int]:
     with transaction() as session:
         row = session.execute(
@@ -48,9 +69,51 @@ def effects(saga_id: str) -> dict[str, int]:
     return {"reservations": row[0], "charges": row[1]}
 
 
-def test_orchestrator_killed_after_commit_before_the_command_is_sent(
+@pytest.fixture
+def relay_only(system: Processes) -> Iterator[None]:
+    """The web and the orchestrator without their fast path: every command goes through the relay."""
+    for name in FAST_PATH_WRITERS:
+        system.restart(name, SAGA_OUTBOX_FAST_PATH="0")
+    yield
+    for name in FAST_PATH_WRITERS:
+        system.restart(name)
+
+
+def test_orchestrator_killed_after_commit_before_publishing_the_command(
     api: Api, system: Processes
 ) -> None:
+    """The orchestrator dies right after committing a transition, before its fast path publishes
+    the next command: the relay sends the committed row once it is past the grace period."""
+    sku = make_product(stock=5)
+    marker = arm("orchestrator.before_publish")
+    placed = place(api, order_body(sku, quantity=2))
+    wait_until(lambda: not marker.exists(), what="the fail point to fire")
+    view = wait_final(api, placed["order_id"])
+    assert (view["status"], view["saga"]["state"]) == ("confirmed", "completed")
+    assert effects(placed["saga_id"]) == {"reservations": 1, "charges": 1}
+    assert product(sku) == {"available": 3, "reserved": 0, "sold": 2}
+    wait_until(lambda: unsent(placed["saga_id"]) == 0, what="every command to be marked sent")
+
+
+def test_orchestrator_killed_after_publishing_before_marking_sent_duplicates_harmlessly(
+    api: Api, system: Processes
+) -> None:
+    """Published but never marked sent: the relay publishes the row again after the grace period,
+    and the second copy changes nothing."""
+    sku = make_product(stock=5, price_cents=300)
+    marker = arm("orchestrator.after_publish")
+    placed = place(api, order_body(sku, quantity=1))
+    wait_until(lambda: not marker.exists(), what="the fail point to fire")
+    view = wait_final(api, placed["order_id"])
+    assert view["status"] == "confirmed"
+    wait_until(lambda: unsent(placed["saga_id"]) == 0, what="the relay to send the unmarked row")
+    assert effects(placed["saga_id"]) == {"reservations": 1, "charges": 1}
+    assert charged(placed["saga_id"]) == 300
+    assert product(sku) == {"available": 4, "reserved": 0, "sold": 1}
+
+
+@pytest.mark.usefixtures("relay_only")
+def test_relay_down_and_orchestrator_killed_after_commit(api: Api, system: Processes) -> None:
     """The relay is down, so nothing the orchestrator commits gets sent; then the orchestrator dies
     right after committing a transition. After both restart, the saga completes, once."""
     sku = make_product(stock=5)
@@ -60,7 +123,7 @@ def test_orchestrator_killed_after_commit_before_the_command_is_sent(
     system.start("relay")  # publishes the first command; the reserve reply kills the orchestrator
     wait_until(lambda: not marker.exists(), what="the fail point to fire")
     system.kill("relay")  # the charge command stays committed but unsent
-    system.restart("orchestrator")
+    system.restart("orchestrator", SAGA_OUTBOX_FAST_PATH="0")
     system.start("relay")
     view = wait_final(api, placed["order_id"])
     assert (view["status"], view["saga"]["state"]) == ("confirmed", "completed")
@@ -68,6 +131,7 @@ def test_orchestrator_killed_after_commit_before_the_command_is_sent(
     assert product(sku) == {"available": 3, "reserved": 0, "sold": 2}
 
 
+@pytest.mark.usefixtures("relay_only")
 def test_relay_killed_after_publishing_before_marking_sent_duplicates_harmlessly(
     api: Api, system: Processes
 ) -> None:
@@ -81,14 +145,10 @@ def test_relay_killed_after_publishing_before_marking_sent_duplicates_harmlessly
     assert view["status"] == "confirmed"
     assert effects(placed["saga_id"]) == {"reservations": 1, "charges": 1}
     assert product(sku) == {"available": 4, "reserved": 0, "sold": 1}
-    with transaction() as session:
-        total = session.scalar(
-            sa.text("SELECT sum(amount_cents) FROM charges WHERE saga_id = :s"),
-            {"s": placed["saga_id"]},
-        )
-    assert total == 300
+    assert charged(placed["saga_id"]) == 300
 
 
+@pytest.mark.usefixtures("relay_only")
 def test_the_sweeper_sends_what_the_relay_left_unsent(api: Api, system: Processes) -> None:
     sku = make_product(stock=5)
     system.kill("relay")

@@ -1,11 +1,13 @@
 """Web tier: the Flask app in-process (test client) against a real PostgreSQL sandbox of its own.
 
-No worker runs here: orders are accepted and written (order, saga, outbox row) but not processed.
+No worker or relay runs here: orders are accepted and written (order, saga, outbox row) but not
+published or processed.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -26,11 +28,14 @@ def web_sandbox(sandbox: Sandbox) -> Iterator[Sandbox]:
     from orchestrator.harness import use_sandbox
 
     box = Sandbox.create("sagaweb")
+    # Nothing is published here either: every command written stays in the outbox, unsent.
+    os.environ["SAGA_OUTBOX_FAST_PATH"] = "0"
     use_sandbox(box)
     try:
         yield box
     finally:
         get_engine().dispose()
+        del os.environ["SAGA_OUTBOX_FAST_PATH"]
         use_sandbox(sandbox)
         box.destroy()
 

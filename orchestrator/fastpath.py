@@ -1,0 +1,177 @@
+"""Publishing outbox rows right after their transaction commits, without waiting for the relay.
+
+The contract lets the web and the orchestrator publish their own rows as a fast path; the relay
+stays what guarantees delivery. Here:
+
+- ``outbox.enqueue`` leaves the rows it wrote in ``session.info``; the ``after_commit`` hook below
+  publishes them with publisher confirms on this process's connection. A rolled-back transaction
+  publishes nothing.
+- Marking a row sent is a write of its own, so published rows are marked in batches (at most every
+  ``MARK_EVERY_S``) by a background thread: one UPDATE for many rows instead of a commit per row.
+- The relay leaves unsent rows younger than ``SAGA_OUTBOX_GRACE_S`` to their writer. A process that
+  dies between commit and publish, or between publish and mark, leaves rows the relay publishes once
+  they are older than that; a row published twice is harmless (participants are idempotent per
+  saga and step, and a reply that is not awaited changes nothing).
+- A broker that refuses or times out turns the fast path off for ``BACKOFF_S``, so a broker outage
+  costs an order request one short connect attempt at most, not one per request.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+
+PENDING_KEY = "outbox.pending"
+MARK_EVERY_S = 0.5
+BACKOFF_S = 5.0
+CONFIRM_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A row written in the current transaction: enough to publish it and to mark it sent."""
+
+    message_id: Any  # uuid.UUID
+    row: Any  # what outbox.to_wire reads: message_id, task, queue, headers, envelope
+
+
+def enabled() -> bool:
+    from orchestrator.config import settings
+
+    return settings().outbox_fast_path
+
+
+class _Publisher:
+    """One per process (re-created after a fork): a confirming channel and the marks to write."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._lock = threading.Lock()  # gunicorn's threads share the channel
+        self._publisher: Any = None
+        self._down_until = 0.0
+        self._marks: list[tuple[Any, datetime]] = []
+        self._marks_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def publish(self, pending: list[Pending]) -> None:
+        from orchestrator import failpoints, outbox
+        from orchestrator.config import settings
+
+        if time.monotonic() < self._down_until:
+            return  # the relay will send them
+        failpoints.hit(f"{_process()}.before_publish")
+        with self._lock:
+            if time.monotonic() < self._down_until:
+                return  # another thread just found the broker down
+            try:
+                if self._publisher is None:
+                    self._publisher = outbox.ConfirmingPublisher(
+                        settings().broker_url, connect_timeout_s=1.0
+                    )
+                self._publisher.publish(
+                    [outbox.to_wire(p.row) for p in pending], timeout_s=CONFIRM_TIMEOUT_S
+                )
+            except Exception as exc:  # never fail the committed work: the relay has the rows
+                log.warning("fast path publish failed (%s); the relay will send them", exc)
+                self._down_until = time.monotonic() + BACKOFF_S
+                if self._publisher is not None:
+                    self._publisher.close()
+                self._publisher = None
+                return
+        failpoints.hit(f"{_process()}.after_publish")
+        at = datetime.now(UTC)
+        with self._marks_lock:
+            self._marks.extend((p.message_id, at) for p in pending)
+        self._ensure_marker()
+
+    def _ensure_marker(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._mark_loop, name="outbox-marks", daemon=True
+            )
+            self._thread.start()
+
+    def _mark_loop(self) -> None:
+        while True:
+            self._wake.wait(MARK_EVERY_S)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the sent marks collected so far, in one transaction."""
+        with self._marks_lock:
+            marks, self._marks = self._marks, []
+        if not marks:
+            return
+        try:
+            mark_sent(marks)
+        except Exception as exc:
+            # Kept for the next round; if this process dies first the relay sends them again.
+            log.warning("marking %d outbox rows sent failed: %s", len(marks), exc)
+            with self._marks_lock:
+                self._marks[:0] = marks
+
+
+_MARK_SENT = sa.text(
+    "UPDATE outbox SET sent_at = v.at"
+    " FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS v(message_id, at)"
+    " WHERE outbox.message_id = v.message_id AND outbox.sent_at IS NULL"
+)
+
+
+def mark_sent(marks: list[tuple[Any, datetime]]) -> None:
+    """Record when each row was published (its sent_at), unless the relay got there first."""
+    from models.db import transaction
+
+    with transaction() as session:
+        session.execute(_MARK_SENT, {"ids": [m for m, _ in marks], "ats": [at for _, at in marks]})
+
+
+_current: _Publisher | None = None
+_current_lock = threading.Lock()
+
+
+def _publisher() -> _Publisher:
+    global _current
+    with _current_lock:
+        if _current is None or _current.pid != os.getpid():
+            _current = _Publisher()
+        return _current
+
+
+def _process() -> str:
+    return os.environ.get("SAGA_PROCESS", "process")
+
+
+def flush() -> None:
+    """Write pending sent marks now (at a clean exit, so the relay need not send them again)."""
+    if _current is not None and _current.pid == os.getpid():
+        _current.flush()
+
+
+atexit.register(flush)
+
+
+@event.listens_for(Session, "after_commit")
+def _publish_after_commit(session: Session) -> None:
+    pending: list[Pending] = session.info.pop(PENDING_KEY, [])
+    if pending:
+        _publisher().publish(pending)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_after_rollback(session: Session) -> None:
+    session.info.pop(PENDING_KEY, None)
