@@ -12,7 +12,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, joinedload
@@ -44,6 +44,8 @@ from orchestrator.saga import (
 )
 
 log = logging.getLogger(__name__)
+
+_EVENTS = cast(sa.Table, SagaEvent.__table__)
 
 Kind = Literal["action", "compensation"]
 
@@ -181,6 +183,9 @@ def lock_saga(session: Session, saga_id: uuid.UUID, *, skip_locked: bool = False
     return session.scalars(query).unique().one_or_none()
 
 
+EVENTS_KEY = "saga.events"
+
+
 def record(
     session: Session,
     saga: Saga,
@@ -191,11 +196,32 @@ def record(
     detail: str | None = None,
     actor: str | None = None,
 ) -> None:
-    session.add(
-        SagaEvent(
-            saga_id=saga.id, event=event, step=step, attempt=attempt, detail=detail, actor=actor
-        )
+    """Add an event to the saga's timeline; the transaction's events are written at its commit."""
+    session.info.setdefault(EVENTS_KEY, []).append(
+        {
+            "saga_id": saga.id,
+            "event": event,
+            "step": step,
+            "attempt": attempt,
+            "detail": detail,
+            "actor": actor,
+        }
     )
+
+
+@sa.event.listens_for(Session, "before_commit")
+def _write_events(session: Session) -> None:
+    # One multi-row INSERT per transaction instead of one ORM object per event (the unit of work
+    # was a third of the orchestrator's CPU). The flush first: the events reference the saga.
+    rows = session.info.pop(EVENTS_KEY, None)
+    if rows:
+        session.flush()
+        session.execute(sa.insert(_EVENTS), rows)
+
+
+@sa.event.listens_for(Session, "after_rollback")
+def _forget_events(session: Session) -> None:
+    session.info.pop(EVENTS_KEY, None)
 
 
 def snapshot_of(saga: Saga) -> Snapshot:
