@@ -6,8 +6,9 @@ stays what guarantees delivery. Here:
 - ``outbox.enqueue`` leaves the rows it wrote in ``session.info``; the ``after_commit`` hook below
   publishes them with publisher confirms on this process's connection. A rolled-back transaction
   publishes nothing.
-- Marking a row sent is a write of its own, so published rows are marked in batches (at most every
-  ``MARK_EVERY_S``) by a background thread: one UPDATE for many rows instead of a commit per row.
+- Marking a row sent is a write of its own. The process's next transaction carries the marks (one
+  UPDATE for all waiting rows, just before its commit), so under load they cost no commit; marks
+  that no transaction carried within ``MARK_EVERY_S`` get a transaction of their own.
 - The relay leaves unsent rows younger than ``SAGA_OUTBOX_GRACE_S`` to their writer. A process that
   dies between commit and publish, or between publish and mark, leaves rows the relay publishes once
   they are older than that; a row published twice is harmless (participants are idempotent per
@@ -31,9 +32,12 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
+from models.db import transaction
+
 log = logging.getLogger(__name__)
 
 PENDING_KEY = "outbox.pending"
+CARRIED_KEY = "outbox.carried_marks"
 MARK_EVERY_S = 0.5
 BACKOFF_S = 5.0
 CONFIRM_TIMEOUT_S = 2.0
@@ -53,6 +57,9 @@ def enabled() -> bool:
     return settings().outbox_fast_path
 
 
+Mark = tuple[Any, datetime]  # a published row's message id, and when it was published
+
+
 class _Publisher:
     """One per process (re-created after a fork): a confirming channel and the marks to write."""
 
@@ -61,9 +68,9 @@ class _Publisher:
         self._lock = threading.Lock()  # gunicorn's threads share the channel
         self._publisher: Any = None
         self._down_until = 0.0
-        self._marks: list[tuple[Any, datetime]] = []
+        self._marks: list[Mark] = []
+        self._oldest = 0.0  # when the oldest waiting mark was added (monotonic)
         self._marks_lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def publish(self, pending: list[Pending]) -> None:
@@ -92,37 +99,42 @@ class _Publisher:
                 self._publisher = None
                 return
         failpoints.hit(f"{_process()}.after_publish")
-        at = datetime.now(UTC)
-        with self._marks_lock:
-            self._marks.extend((p.message_id, at) for p in pending)
-        self._ensure_marker()
-
-    def _ensure_marker(self) -> None:
+        self.give_back([(p.message_id, datetime.now(UTC)) for p in pending])
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
-                target=self._mark_loop, name="outbox-marks", daemon=True
+                target=self._flush_idle, name="outbox-marks", daemon=True
             )
             self._thread.start()
 
-    def _mark_loop(self) -> None:
-        while True:
-            self._wake.wait(MARK_EVERY_S)
-            self._wake.clear()
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the sent marks collected so far, in one transaction."""
+    def take(self) -> list[Mark]:
         with self._marks_lock:
             marks, self._marks = self._marks, []
+        return marks
+
+    def give_back(self, marks: list[Mark]) -> None:
+        with self._marks_lock:
+            if not self._marks:
+                self._oldest = time.monotonic()
+            self._marks.extend(marks)
+
+    def _flush_idle(self) -> None:
+        """Marks no transaction of this process carried within MARK_EVERY_S get one of their own."""
+        while True:
+            time.sleep(MARK_EVERY_S / 2)
+            if self._marks and time.monotonic() - self._oldest >= MARK_EVERY_S:
+                self.flush()
+
+    def flush(self) -> None:
+        marks = self.take()
         if not marks:
             return
         try:
-            mark_sent(marks)
+            with transaction() as session:
+                session.execute(_MARK_SENT, _mark_params(marks))
         except Exception as exc:
             # Kept for the next round; if this process dies first the relay sends them again.
             log.warning("marking %d outbox rows sent failed: %s", len(marks), exc)
-            with self._marks_lock:
-                self._marks[:0] = marks
+            self.give_back(marks)
 
 
 _MARK_SENT = sa.text(
@@ -132,12 +144,9 @@ _MARK_SENT = sa.text(
 )
 
 
-def mark_sent(marks: list[tuple[Any, datetime]]) -> None:
-    """Record when each row was published (its sent_at), unless the relay got there first."""
-    from models.db import transaction
-
-    with transaction() as session:
-        session.execute(_MARK_SENT, {"ids": [m for m, _ in marks], "ats": [at for _, at in marks]})
+def _mark_params(marks: list[Mark]) -> dict[str, list[Any]]:
+    """sent_at is when the row was published, unless the relay got there first."""
+    return {"ids": [m for m, _ in marks], "ats": [at for _, at in marks]}
 
 
 _current: _Publisher | None = None
@@ -157,16 +166,33 @@ def _process() -> str:
 
 
 def flush() -> None:
-    """Write pending sent marks now (at a clean exit, so the relay need not send them again)."""
-    if _current is not None and _current.pid == os.getpid():
-        _current.flush()
+    """Write waiting sent marks now (at a clean exit, so the relay need not send them again)."""
+    here = _here()
+    if here:
+        here.flush()
 
 
 atexit.register(flush)
 
 
+def _here() -> _Publisher | None:
+    return _current if _current is not None and _current.pid == os.getpid() else None
+
+
+@event.listens_for(Session, "before_commit")
+def _carry_marks(session: Session) -> None:
+    """A transaction that commits anyway also writes this process's waiting sent marks: under
+    load they cost no commit of their own."""
+    here = _here()
+    marks = here.take() if here else []
+    if marks:
+        session.execute(_MARK_SENT, _mark_params(marks))
+        session.info[CARRIED_KEY] = marks
+
+
 @event.listens_for(Session, "after_commit")
 def _publish_after_commit(session: Session) -> None:
+    session.info.pop(CARRIED_KEY, None)
     pending: list[Pending] = session.info.pop(PENDING_KEY, [])
     if pending:
         _publisher().publish(pending)
@@ -175,3 +201,7 @@ def _publish_after_commit(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _forget_after_rollback(session: Session) -> None:
     session.info.pop(PENDING_KEY, None)
+    carried = session.info.pop(CARRIED_KEY, None)
+    here = _here()
+    if carried and here:
+        here.give_back(carried)
