@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +12,7 @@ from models.db import transaction
 from models.outbox import OutboxMessage
 from orchestrator.client import Api
 from orchestrator.harness import Processes
+from tests.conftest import TEST_TIMINGS
 from tests.integration.helpers import events, make_product, order_body, place, product, wait_final
 
 
@@ -36,6 +38,39 @@ def test_an_order_confirms_and_its_stock_is_sold(api: Api) -> None:
         ("step.succeeded", "orders.confirm"),
         ("saga.completed", None),
     ]
+
+
+def test_commands_go_out_on_the_fast_path_and_are_marked_sent(
+    api: Api, system: Processes
+) -> None:
+    """With the relay down, the web and the orchestrator publish their own rows: each is marked
+    sent with a publish time earlier than the sweep could have taken it (rows older than the
+    grace period plus a sweep interval)."""
+    system.kill("relay")
+    try:
+        placed = place(api, order_body(make_product(stock=5)))
+        wait_final(api, placed["order_id"])
+    finally:
+        system.start("relay")
+    grace_s = float(TEST_TIMINGS["SAGA_OUTBOX_GRACE_S"])
+
+    def rows() -> list[tuple[str, float | None]]:
+        with transaction() as session:
+            return [
+                (task, None if sent is None else (sent - created).total_seconds())
+                for task, created, sent in session.execute(
+                    sa.select(OutboxMessage.task, OutboxMessage.created_at, OutboxMessage.sent_at)
+                    .where(OutboxMessage.saga_id == uuid.UUID(placed["saga_id"]))
+                    .order_by(OutboxMessage.id)
+                )
+            ]
+
+    deadline = time.monotonic() + 5
+    while any(age is None for _, age in rows()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sent = rows()
+    assert [task for task, _ in sent] == ["inventory.reserve", "payment.charge", "orders.confirm"]
+    assert all(age is not None and 0 <= age < grace_s for _, age in sent), sent
 
 
 def test_an_order_over_stock_is_cancelled_with_nothing_reserved(api: Api) -> None:
