@@ -128,6 +128,8 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
     pub2 = management_publishes(target.broker_url)
     # The reading itself is one of the idle window's transactions.
     background_per_s = max(0.0, (c2["xact_commit"] - c1["xact_commit"] - 1) / (t2 - t1))
+    # Last: its commits land in the sandbox database, after the saga's counters were read.
+    floor_fig = _run_floor(opts, target, db, say) if opts.floor else None
     saga = saga_figures(db, phase, opts.mode)
     saga.update(cpu_s=saga_cpu, load_before=load_saga)
     n_done = max(1, saga["completed"])
@@ -155,6 +157,9 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
         "raw": raw_fig,
         "ratio": _ratio(saga.get("sagas_per_s"), (raw_fig or {}).get("sagas_per_s")),
         "p99_ratio": _ratio(saga.get("p99_ms"), (raw_fig or {}).get("p99_ms")),
+        "floor": floor_fig,
+        "floor_ratio": _ratio((floor_fig or {}).get("sagas_per_s"),
+                              (raw_fig or {}).get("sagas_per_s")),
         "messages_per_saga": round(messages_per_saga, 2),
         "messages": {**messages, "method": method},
         "commits_per_saga": round(net / n_done, 2),
@@ -168,12 +173,32 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
         "load_after": _load(),
         "machine": machine(db),
     }
-    ok = phase["all_final"] and not saga["errors"] and (raw_fig is None or raw_fig["all_final"])
+    ok = (phase["all_final"] and not saga["errors"]
+          and all(fig is None or fig["all_final"] for fig in (raw_fig, floor_fig)))
     report["ok"] = bool(ok and saga["outcomes"].get("completed") == opts.n)
     return report
 
 
 # ---------------------------------------------------------------- for people
+
+
+def _run_floor(opts: Options, target: Target, db: Db, say: Say) -> dict[str, Any]:
+    """The same N through the floor baseline: six tasks, one commit each (bench_raw)."""
+    from orchestrator.bench_raw import FLOOR_TABLE  # late, as bench_target imports the baseline
+
+    with raw_baseline(target, say, kind="floor") as floor:
+        if opts.warmup:
+            run_raw(opts, opts.warmup, floor, say, label="floor warm-up")
+        load_floor = _load()
+        rows_before = db.rows(f"SELECT count(*) FROM {FLOOR_TABLE}")[0][0]
+        cpu = CpuMeter(floor.pids(), db)
+        cpu.start()
+        figures = run_raw(opts, opts.n, floor, say, label="floor")
+        figures.update(cpu_s=cpu.stop(), load_before=load_floor,
+                       messages_per_chain="7 (6 task messages + 1 completion probe)")
+        rows = db.rows(f"SELECT count(*) FROM {FLOOR_TABLE}")[0][0] - rows_before
+        figures["commits_per_chain"] = round(rows / max(1, figures["completed"]), 2)
+    return figures
 
 
 def render(report: dict[str, Any]) -> str:
@@ -186,6 +211,11 @@ def render(report: dict[str, Any]) -> str:
         rows.append((label, str(saga.get(key, "-")), str(raw.get(key, "-"))))
     lines = [f"{a:<12} {b:>10} {c:>10}" for a, b, c in rows]
     lines.append(f"ratio saga/raw: throughput {report['ratio']}, p99 {report['p99_ratio']}")
+    if report["floor"]:
+        floor = report["floor"]
+        lines.append(f"floor (6 tasks, 6 commits): {floor['sagas_per_s']}/s, p50 "
+                     f"{floor['p50_ms']} ms, p99 {floor['p99_ms']} ms; floor/raw "
+                     f"{report['floor_ratio']}")
     if "post_p50_ms" in saga:
         lines.append(f"POST /orders: p50 {saga['post_p50_ms']} ms, p99 {saga['post_p99_ms']} ms")
     lines.append(f"messages per saga: {report['messages_per_saga']} "

@@ -18,6 +18,7 @@ class Options:
     warmup: int = 20
     timeout_s: float = 300.0
     raw: bool = True
+    floor: bool = False  # also the floor baseline (bench_raw): six tasks, six commits
     idle_s: float = 10.0  # the window that measures background commits
     profile_dir: str | None = None  # py-spy output, one file per process
     # cpu: py-spy --gil (only threads holding the GIL: Python code running);

@@ -1,4 +1,10 @@
-"""The raw Celery baseline of ``sagactl bench``: a chain reserve -> charge -> confirm, nothing else.
+"""The raw Celery baselines of ``sagactl bench``.
+
+- ``chain``: reserve -> charge -> confirm as a Celery chain, nothing else.
+- ``floor`` (``--floor``): the least any orchestrated saga over Celery with durable state can do:
+  each of the three actions is followed by a reply task on one "orchestrator" queue
+  (reserve -> reply -> charge -> reply -> confirm -> reply: six messages), and every task commits
+  one row to PostgreSQL with plain psycopg (six commits). No saga logic, no outbox, no ORM.
 
 Same broker server (a vhost of its own), same Celery settings as the saga workers (copied from
 ``orchestrator.celery_app``), same queue arguments, one queue and one worker process per task; no
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from celery import Celery, chain
 from kombu import Connection, Exchange, Queue
 
@@ -26,6 +33,9 @@ from orchestrator.config import settings
 from orchestrator.topology import SERVICE_QUEUES
 
 TASKS = ("bench.reserve", "bench.charge", "bench.confirm")
+FLOOR_TASKS = ("floor.reserve", "floor.charge", "floor.confirm", "floor.reply")
+KIND_TASKS = {"chain": TASKS, "floor": FLOOR_TASKS}
+FLOOR_TABLE = "bench_floor"
 EXCHANGE = Exchange("bench", type="topic", durable=True)
 DONE_QUEUE = Queue("bench.done", Exchange(""), routing_key="bench.done", durable=False)
 # Where messages go is the baseline's own; every other setting the project changed is shared.
@@ -42,7 +52,7 @@ def _queues() -> list[Queue]:
     # the same per-message broker cost. Their dead-letter exchange does not exist here: unused.
     arguments = dict(getattr(SERVICE_QUEUES["inventory"], "queue_arguments", None) or {})
     return [Queue(queue_name(t), EXCHANGE, routing_key=queue_name(t), durable=True,
-                  queue_arguments=arguments) for t in TASKS]
+                  queue_arguments=arguments) for t in (*TASKS, *FLOOR_TASKS)]
 
 
 def project_settings() -> dict[str, Any]:
@@ -63,7 +73,7 @@ def create_raw_celery(broker_url: str) -> Celery:
         task_default_exchange=EXCHANGE.name,
         task_default_queue=queue_name(TASKS[0]),
         task_routes={t: {"queue": queue_name(t), "exchange": EXCHANGE.name,
-                         "routing_key": queue_name(t)} for t in TASKS},
+                         "routing_key": queue_name(t)} for t in (*TASKS, *FLOOR_TASKS)},
     )
     return raw
 
@@ -83,11 +93,49 @@ def charge(chain_id: str) -> str:
 
 @app.task(name="bench.confirm", bind=True)
 def confirm(self: Any, chain_id: str) -> str:
+    _report_done(self.app, chain_id)
+    return chain_id
+
+
+def _report_done(celery_app: Celery, chain_id: str) -> None:
     done_at = time.time()
-    with self.app.producer_or_acquire() as producer:
+    with celery_app.producer_or_acquire() as producer:
         producer.publish({"id": chain_id, "at": done_at}, exchange="", routing_key=DONE_QUEUE.name,
                          serializer="json", delivery_mode=1, retry=True)
-    return chain_id
+
+
+_floor_db: dict[int, psycopg.Connection[Any]] = {}
+
+
+def _commit(chain_id: str, step: str) -> None:
+    """One durable row: what a participant or an orchestrator writes at the least, per hop."""
+    conn = _floor_db.get(os.getpid())
+    if conn is None:  # one connection per pool process (never shared across a fork)
+        conn = _floor_db[os.getpid()] = psycopg.connect(os.environ["BENCH_FLOOR_DSN"],
+                                                        autocommit=True)
+    conn.execute(f"INSERT INTO {FLOOR_TABLE} (chain_id, step) VALUES (%s, %s)", (chain_id, step))
+
+
+@app.task(name="floor.reserve")
+def floor_reserve(chain_id: str) -> None:
+    _commit(chain_id, "reserve")
+
+
+@app.task(name="floor.charge")
+def floor_charge(chain_id: str) -> None:
+    _commit(chain_id, "charge")
+
+
+@app.task(name="floor.confirm")
+def floor_confirm(chain_id: str) -> None:
+    _commit(chain_id, "confirm")
+
+
+@app.task(name="floor.reply", bind=True)
+def floor_reply(self: Any, chain_id: str, step: str) -> None:
+    _commit(chain_id, f"reply {step}")
+    if step == "confirm":
+        _report_done(self.app, chain_id)
 
 
 # ---------------------------------------------------------------- the bench's side
@@ -102,12 +150,14 @@ def worker_argv(task: str, concurrency: int, pool: str = "prefork") -> list[str]
 
 @dataclass
 class RawBaseline:
-    """Three worker processes on one vhost, the chain's publisher, and the completion listener."""
+    """One worker process per task on one vhost, the chain's publisher, the completion listener."""
 
     broker_url: str
     log_dir: Path
     concurrency: int
     vhost: str | None = None
+    kind: str = "chain"  # or "floor"
+    floor_dsn: str | None = None  # libpq URL of the database the floor's rows go to
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     done: dict[str, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -123,7 +173,13 @@ class RawBaseline:
         self._listener.start()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "BROKER_URL": self.broker_url, "SAGA_PROCESS": "raw"}
-        for task in TASKS:
+        if self.kind == "floor":
+            assert self.floor_dsn, "the floor baseline needs a database"
+            with psycopg.connect(self.floor_dsn, autocommit=True) as conn:
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {FLOOR_TABLE} (id bigserial PRIMARY KEY,"
+                             " chain_id text NOT NULL, step text NOT NULL)")
+            env["BENCH_FLOOR_DSN"] = self.floor_dsn
+        for task in KIND_TASKS[self.kind]:
             log = self.log_dir / f"raw-{task}.log"
             with open(log, "ab") as handle:
                 self.procs[task] = subprocess.Popen(
@@ -150,6 +206,14 @@ class RawBaseline:
     def place(self, chain_id: str) -> None:
         """Publish the chain's first message (publisher-confirmed, as the saga side's are)."""
         sig = self.app.signature
+        if self.kind == "floor":
+            hops = []
+            for action in FLOOR_TASKS[:3]:
+                step = action.split(".")[1]
+                hops += [sig(action, args=(chain_id,), immutable=True),
+                         sig("floor.reply", args=(chain_id, step), immutable=True)]
+            chain(*hops).apply_async()
+            return
         chain(sig(TASKS[0], args=(chain_id,), immutable=True), sig(TASKS[1]),
               sig(TASKS[2])).apply_async()
 

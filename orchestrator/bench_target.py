@@ -69,18 +69,22 @@ def _vhost_url(broker_url: str, vhost: str) -> str:
 
 
 @contextlib.contextmanager
-def raw_baseline(target: Target, say: Say) -> Iterator[Any]:
-    """A vhost of its own on the same broker, and the baseline's three workers."""
+def raw_baseline(target: Target, say: Say, kind: str = "chain") -> Iterator[Any]:
+    """A vhost of its own on the same broker, and the baseline's workers (see bench_raw)."""
+    import sqlalchemy as sa
+
     from orchestrator.bench_raw import RawBaseline
     from orchestrator.harness import _rabbitmqctl
 
-    vhost = f"{target.sandbox or 'sagabench_' + uuid.uuid4().hex[:8]}_raw"
+    vhost = f"{target.sandbox or 'sagabench_' + uuid.uuid4().hex[:8]}_{kind}"
     _rabbitmqctl("add_vhost", vhost)
     _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    dsn = sa.make_url(target.database_url).set(drivername="postgresql")
     baseline = RawBaseline(_vhost_url(target.broker_url, vhost), target.log_dir,
-                           settings().worker_concurrency, vhost)
+                           settings().worker_concurrency, vhost, kind,
+                           dsn.render_as_string(hide_password=False))
     try:
-        say("starting the raw baseline's workers…")
+        say(f"starting the {kind} baseline's workers…")
         baseline.start()
         yield baseline
     finally:

@@ -360,6 +360,8 @@ def chaos(as_json: bool, **options: Any) -> None:
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--timeout", "timeout_s", type=float, default=300, show_default=True)
 @click.option("--raw/--no-raw", default=True, help="run the raw Celery baseline too")
+@click.option("--floor", is_flag=True,
+              help="also the floor baseline: 6 Celery tasks committing one row each")
 @click.option("--idle-window", "idle_s", type=float, default=10, show_default=True,
               help="seconds idle to measure background commits")
 @click.option("--profile", "profile_dir", type=click.Path(file_okay=False), default=None,
