@@ -113,22 +113,19 @@ def start_order(session: Session, new: NewOrder) -> Started:
     now = utcnow()
     order_id, saga_id = uuid.uuid4(), uuid.uuid4()
     total = sum(prices[sku] * qty for sku, qty in new.items)
-    session.add(
-        Order(
-            id=order_id,
-            customer_id=new.customer_id,
-            status=OrderStatus.PENDING,
-            total_cents=total,
-            card_last4=new.card_token[-4:],
-            created_at=now,
-            updated_at=now,
-        )
+    order = Order(
+        id=order_id,
+        customer_id=new.customer_id,
+        status=OrderStatus.PENDING,
+        total_cents=total,
+        card_last4=new.card_token[-4:],
+        created_at=now,
+        updated_at=now,
     )
-    session.flush()
-    session.add_all(
+    lines = [
         OrderLine(order_id=order_id, sku=sku, quantity=qty, price_cents=prices[sku])
         for sku, qty in new.items
-    )
+    ]
     snap, dispatches = initial(ORDER_SAGA)
     saga = Saga(
         id=saga_id,
@@ -154,19 +151,33 @@ def start_order(session: Session, new: NewOrder) -> Started:
             name=step.name,
             status=view.status,
             attempts=0,
+            attempts_base=0,
             compensation=step.compensation,
             comp_status=view.comp_status,
             comp_attempts=0,
+            comp_attempts_base=0,
             finished_at=now if view.status is StepStatus.SUCCEEDED else None,
         )
         for i, (step, view) in enumerate(zip(ORDER_SAGA.steps, snap.steps, strict=True))
     ]
-    session.add(saga)
     record(session, saga, "saga.started", detail=f"order {order_id}")
-    _dispatch(session, saga, ORDER_SAGA, dispatches, now)
-    session.flush()
+    _dispatch(session, saga, ORDER_SAGA, dispatches, now)  # fills in the first step's request
+    # The new rows go in with Core INSERTs, never added to the session: the ORM unit of work for
+    # these seven objects was about 30 % of the web's CPU per order.
+    _insert(session, [order])
+    _insert(session, lines)
+    _insert(session, [saga])
+    _insert(session, saga.steps)
     log.info("saga started", extra={"saga_id": str(saga_id), "order_id": str(order_id)})
     return Started(order_id, saga_id)
+
+
+def _insert(session: Session, rows: list[Any]) -> None:
+    """INSERT new (transient) mapped objects of one class, every column as set on them."""
+    table = cast(sa.Table, type(rows[0]).__table__)
+    session.execute(
+        sa.insert(table), [{c.key: getattr(row, c.key) for c in table.columns} for row in rows]
+    )
 
 
 # ---------------------------------------------------------------- loading and recording
