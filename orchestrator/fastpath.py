@@ -24,7 +24,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,14 +40,6 @@ CARRIED_KEY = "outbox.carried_marks"
 MARK_EVERY_S = 0.5
 BACKOFF_S = 5.0
 CONFIRM_TIMEOUT_S = 2.0
-
-
-@dataclass(frozen=True)
-class Pending:
-    """A row written in the current transaction: enough to publish it and to mark it sent."""
-
-    message_id: Any  # uuid.UUID
-    row: Any  # what outbox.to_wire reads: message_id, task, queue, headers, envelope
 
 
 def enabled() -> bool:
@@ -73,7 +64,8 @@ class _Publisher:
         self._marks_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def publish(self, pending: list[Pending]) -> None:
+    def publish(self, pending: list[Any]) -> None:
+        """Publish rows this process just committed (outbox rows: what ``outbox.to_wire`` reads)."""
         from orchestrator import failpoints, outbox
         from orchestrator.config import settings
 
@@ -89,7 +81,7 @@ class _Publisher:
                         settings().broker_url, connect_timeout_s=1.0
                     )
                 self._publisher.publish(
-                    [outbox.to_wire(p.row) for p in pending], timeout_s=CONFIRM_TIMEOUT_S
+                    [outbox.to_wire(row) for row in pending], timeout_s=CONFIRM_TIMEOUT_S
                 )
             except Exception as exc:  # never fail the committed work: the relay has the rows
                 log.warning("fast path publish failed (%s); the relay will send them", exc)
@@ -99,7 +91,7 @@ class _Publisher:
                 self._publisher = None
                 return
         failpoints.hit(f"{_process()}.after_publish")
-        self.give_back([(p.message_id, datetime.now(UTC)) for p in pending])
+        self.give_back([(row.message_id, datetime.now(UTC)) for row in pending])
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
                 target=self._flush_idle, name="outbox-marks", daemon=True
@@ -193,7 +185,7 @@ def _carry_marks(session: Session) -> None:
 @event.listens_for(Session, "after_commit")
 def _publish_after_commit(session: Session) -> None:
     session.info.pop(CARRIED_KEY, None)
-    pending: list[Pending] = session.info.pop(PENDING_KEY, [])
+    pending: list[Any] = session.info.pop(PENDING_KEY, [])
     if pending:
         _publisher().publish(pending)
 

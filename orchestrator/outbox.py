@@ -3,9 +3,10 @@
 ``enqueue`` adds a row inside the caller's transaction. With the fast path on (the default), the
 writer publishes its own rows right after commit (orchestrator/fastpath.py) and the relay only
 sends rows left unsent for longer than ``SAGA_OUTBOX_GRACE_S``; with it off, ``enqueue`` adds a
-NOTIFY that fires on commit and wakes the relay at once. The relay claims unsent rows under ``FOR UPDATE SKIP LOCKED`` (so two relays never publish one row at
-the same time), publishes them as Celery task messages with pipelined publisher confirms, and marks
-them sent in the same transaction. A relay killed after publishing and before its commit leaves the
+NOTIFY that fires on commit and wakes the relay at once. The relay claims unsent rows under
+``FOR UPDATE SKIP LOCKED`` (so two relays never publish one row at the same time), publishes them
+as Celery task messages with pipelined publisher confirms, and marks them sent in the same
+transaction. A relay killed after publishing and before its commit leaves the
 rows unsent: they are published again, and the participants' idempotency makes that harmless.
 """
 
@@ -60,19 +61,10 @@ def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
         envelope=envelope,
     )
     session.execute(
-        sa.insert(_TABLE).values(
-            message_id=row.message_id,
-            saga_id=uuid.UUID(str(envelope["saga_id"])),
-            task=row.task,
-            queue=row.queue,
-            headers=row.headers,
-            envelope=row.envelope,
-        )
+        sa.insert(_TABLE).values(**vars(row), saga_id=uuid.UUID(str(envelope["saga_id"])))
     )
     if fastpath.enabled():
-        session.info.setdefault(fastpath.PENDING_KEY, []).append(
-            fastpath.Pending(row.message_id, row)
-        )
+        session.info.setdefault(fastpath.PENDING_KEY, []).append(row)
     else:
         session.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
 
@@ -206,26 +198,18 @@ class ConfirmingPublisher:
 
 def relay_once(session: Session, publisher: ConfirmingPublisher, min_age_s: float = 0.0) -> int:
     """Claim up to BATCH unsent rows, publish them, mark them sent. Returns how many."""
-    table = _TABLE
     # Core, not the ORM: the relay's hot path needs rows, not tracked objects.
+    c = _TABLE.c
     query = (
-        sa.select(
-            table.c.id,
-            table.c.message_id,
-            table.c.task,
-            table.c.queue,
-            table.c.headers,
-            table.c.envelope,
-        )
-        .where(OutboxMessage.sent_at.is_(None))
-        .order_by(OutboxMessage.id)
+        sa.select(c.id, c.message_id, c.task, c.queue, c.headers, c.envelope)
+        .where(c.sent_at.is_(None))
+        .order_by(c.id)
         .limit(BATCH)
         .with_for_update(skip_locked=True)
     )
     if min_age_s:
         query = query.where(
-            OutboxMessage.created_at
-            < sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, float(min_age_s))
+            c.created_at < sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, float(min_age_s))
         )
     rows = session.execute(query).all()
     if not rows:
@@ -233,9 +217,7 @@ def relay_once(session: Session, publisher: ConfirmingPublisher, min_age_s: floa
     publisher.publish([to_wire(row) for row in rows])
     failpoints.hit("relay.after_publish")
     session.execute(
-        sa.update(table)
-        .where(table.c.id.in_([row.id for row in rows]))
-        .values(sent_at=sa.func.now())
+        sa.update(_TABLE).where(c.id.in_([row.id for row in rows])).values(sent_at=sa.func.now())
     )
     return len(rows)
 
