@@ -21,8 +21,10 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from wtforms import ValidationError as CsrfInvalid
 
 from models.db import transaction
-from orchestrator import engine, ordering, queries
-from orchestrator.logs import log_context
+from orchestrator import queries
+from orchestrator.kernel import engine
+from orchestrator.ops.logs import log_context
+from orchestrator.sagas import placing as ordering
 from web.errors import ApiError, wants_json
 from web.validation import IDEMPOTENCY_KEY, InvalidOrder, OrderIn, fingerprint, parse_order
 

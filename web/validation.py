@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from orchestrator.messages import FAULT
-from orchestrator.order_saga import ORDER_SAGA
+from orchestrator.messaging.envelopes import FAULT
+from orchestrator.sagas.order import ORDER_SAGA
 
 MAX_LINES = 50
 TOKEN = re.compile(r"tok_[A-Za-z0-9_]{1,64}")
