@@ -12,6 +12,7 @@ import signal
 import time
 
 from orchestrator.messaging.envelopes import FAULT
+from orchestrator.ops.config import settings
 
 
 class TransientError(Exception):
@@ -23,7 +24,7 @@ class InjectedRefusal(Exception):
 
 
 def _enabled(fault: str | None) -> bool:
-    return bool(fault) and os.environ.get("SAGA_FAULT_INJECTION") == "1"
+    return bool(fault) and settings().fault_injection
 
 
 def before_work(fault: str | None, attempt: int, redelivered: bool) -> None:

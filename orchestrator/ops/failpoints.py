@@ -6,7 +6,8 @@ point removes the file (so it fires once) and dies at once, as SIGKILL would.
 
 import os
 import signal
-from pathlib import Path
+
+from orchestrator.ops.config import settings
 
 NAMES = (
     "relay.after_publish",
@@ -17,12 +18,10 @@ NAMES = (
 
 
 def hit(name: str) -> None:
-    if os.environ.get("SAGA_FAULT_INJECTION") != "1":
+    cfg = settings()
+    if not cfg.fault_injection or cfg.failpoints_dir is None:
         return
-    folder = os.environ.get("SAGA_FAILPOINTS_DIR")
-    if not folder:
-        return
-    marker = Path(folder) / name
+    marker = cfg.failpoints_dir / name
     try:
         marker.unlink()
     except FileNotFoundError:
