@@ -271,7 +271,7 @@ def demo(url: str | None, count: int, timeout_s: float, as_json: bool) -> None:
     if as_json:
         _print_json(summary)
     if summary["as_expected"] != count:
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()
@@ -291,7 +291,7 @@ def audit(as_json: bool) -> None:
         for o in report.orphans:
             click.echo(f"orphan dead letter {o['id']} from {o['queue']}: {o['reason']}")
         click.echo("ok" if report.ok else f"{len(report.violations)} violation(s)")
-    sys.exit(0 if report.ok else 1)
+    sys.exit(0 if report.ok else EXIT_FAILED)
 
 
 @main.group()
@@ -333,7 +333,7 @@ def _dlq_act(verb: str, letter_id: int) -> None:
     except deadletters.DeadLetterNotFound:
         _fail(f"no dead letter {letter_id}")
     except deadletters.DeadLetterResolved as exc:
-        _fail(str(exc), code=1)
+        _fail(str(exc), code=EXIT_FAILED)
     click.echo(
         f"dead letter {letter_id} {verb}ed"
         if verb == "replay"
@@ -411,7 +411,7 @@ def chaos(as_json: bool, **options: Any) -> None:
         _print_json(report)
     else:
         click.echo(chaos_mod.render(report))
-    sys.exit(0 if report["ok"] else 1)
+    sys.exit(0 if report["ok"] else EXIT_FAILED)
 
 
 @main.command()
@@ -445,7 +445,7 @@ def bench(as_json: bool, **options: Any) -> None:
         _print_json(report)
     else:
         click.echo(bench_mod.render(report))
-    sys.exit(0 if report["ok"] else 1)
+    sys.exit(0 if report["ok"] else EXIT_FAILED)
 
 
 if __name__ == "__main__":

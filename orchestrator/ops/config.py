@@ -197,3 +197,8 @@ def load_settings() -> Settings:
 def settings() -> Settings:
     """The process-wide settings, read once."""
     return load_settings()
+
+
+def state_dir() -> Path:
+    """Where development secrets and beat's schedule live (``SAGA_STATE_DIR``)."""
+    return settings().state_dir

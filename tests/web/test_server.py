@@ -114,6 +114,12 @@ def test_every_answer_carries_a_request_id(web: Processes) -> None:
     assert re.fullmatch(r"[A-Za-z0-9._-]{1,64}", answer.headers["X-Request-Id"])
 
 
+def test_json_keeps_the_order_it_was_written_in(web: Processes) -> None:
+    """Flask 2.3 dropped JSON_SORT_KEYS; the app's JSON provider is what keeps keys unsorted."""
+    text = requests.get(f"{web.url}/healthz", timeout=10).text
+    assert text.index('"database"') < text.index('"broker"')  # health.check()'s order
+
+
 # ---------------------------------------------------------------- gunicorn's own errors
 
 
