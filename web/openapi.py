@@ -128,7 +128,7 @@ def _action(summary: str) -> dict[str, Any]:
         responses={
             "202": _json(s.ActionResult, "accepted; the saga's new state"),
             "303": SEE_OTHER,
-            **_errors(400, 401, 404, 409, 415, 422),
+            **_errors(400, 401, 404, 409, 413, 415, 422),
         },
     )
 
@@ -142,7 +142,7 @@ def _letter_action(summary: str) -> dict[str, Any]:
         responses={
             "202": _json(s.LetterActionResult, "done"),
             "303": SEE_OTHER,
-            **_errors(400, 401, 404, 409, 415, 422),
+            **_errors(400, 401, 404, 409, 413, 415, 422),
         },
     )
 
@@ -259,7 +259,7 @@ PATHS: dict[str, Any] = {
         responses={
             "200": _json(s.BulkResult, "one result per saga, in order"),
             "303": SEE_OTHER,
-            **_errors(400, 401, 415, 422),
+            **_errors(400, 401, 413, 415, 422),
         },
     ),
     "/admin/dead-letters": _admin(

@@ -516,6 +516,12 @@ def test_a_5000_digit_quantity_is_422_naming_the_field(client: FlaskClient) -> N
     assert [d["field"] for d in error["details"]] == ["items[0].quantity"]
 
 
+def test_a_5000_digit_number_as_the_body_is_valid_json_but_no_object(client: FlaskClient) -> None:
+    response = client.post("/orders", data="1" * 5000, content_type="application/json")
+    error = assert_error(response, 422, "validation_failed")
+    assert [d["field"] for d in error["details"]] == ["body"]
+
+
 # ---------------------------------------------------------------- the contract from one source
 
 
