@@ -1,6 +1,6 @@
 """The Flask front end: order form and API, admin console, health and metrics.
 
-``create_app()`` refuses to start in production without its secrets (see orchestrator.config).
+``create_app()`` refuses to start in production without its secrets (see orchestrator.ops.config).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 from flask import Flask, Response, g, request
 from flask_wtf.csrf import generate_csrf
 
-from orchestrator.config import settings
-from orchestrator.logs import log_context, setup_logging
+from orchestrator.ops.config import settings
+from orchestrator.ops.logs import log_context, setup_logging
 
 MAX_BODY = 64 * 1024
 

@@ -29,8 +29,10 @@ from sqlalchemy.orm import Session
 from models.db import transaction
 from models.deadletters import DeadLetter
 from models.orders import Order
-from orchestrator import deadletters, engine, queries
-from orchestrator.saga import NotApplicable
+from orchestrator import queries
+from orchestrator.kernel import engine
+from orchestrator.kernel.machine import NotApplicable
+from orchestrator.messaging import deadletters
 from web import presenters
 from web.errors import ApiError, wants_json
 from web.http import is_json, posted_fields

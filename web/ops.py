@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from orchestrator import health, metrics
+from orchestrator.ops import health, metrics
 from web import openapi
 
 bp = Blueprint("ops", __name__)

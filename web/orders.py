@@ -17,8 +17,10 @@ from flask import (
 )
 
 from models.db import transaction
-from orchestrator import engine, ordering, queries
-from orchestrator.logs import log_context
+from orchestrator import queries
+from orchestrator.kernel import engine
+from orchestrator.ops.logs import log_context
+from orchestrator.sagas import placing as ordering
 from web.errors import ApiError, wants_json
 from web.http import check_csrf, json_body, read_body
 from web.schemas import OrderIn, OrderOut, Placed, ProductOut, dump

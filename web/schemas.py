@@ -32,7 +32,7 @@ from models.enums import (
     SagaState,
     StepStatus,
 )
-from orchestrator.masking import TOKEN_PATTERN, mask_text
+from orchestrator.ops.masking import TOKEN_PATTERN, mask_text
 
 MAX_LINES = 50
 MAX_QUANTITY = 1000

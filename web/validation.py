@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.messages import FAULT
-from orchestrator.order_saga import ORDER_SAGA
+from orchestrator.messaging.envelopes import FAULT
+from orchestrator.sagas.order import ORDER_SAGA
 from web.http import TooLongNumber
 from web.schemas import OrderIn
 

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 
-from orchestrator.messages import FAULT
+from orchestrator.messaging.envelopes import FAULT
 
 
 class TransientError(Exception):

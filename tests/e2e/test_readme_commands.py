@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from orchestrator.harness import Sandbox, free_port
+from orchestrator.proof.harness import Sandbox, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import requests
 
-from orchestrator.client import Api
-from orchestrator.config import settings
-from orchestrator.harness import Processes
+from orchestrator.ops.config import settings
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes
 from tests.conftest import TEST_TIMINGS
 from tests.integration.helpers import (
     assert_in_order,

@@ -18,8 +18,8 @@ from typing import Any
 import psutil
 import pytest
 
-from orchestrator.client import Api
-from orchestrator.harness import Processes
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes
 from tests.conftest import TEST_TIMINGS
 from tests.integration.helpers import (
     assert_in_order,

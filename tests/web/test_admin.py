@@ -13,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from models.db import transaction
-from orchestrator.messages import ReplyOutcome
+from orchestrator.messaging.envelopes import ReplyOutcome
 from tests.web.conftest import csrf_token
 from tests.web.drive import (
     answer,

@@ -18,8 +18,8 @@ from werkzeug.test import TestResponse
 
 from models.db import transaction
 from models.sagas import SagaEvent
-from orchestrator.config import settings
-from orchestrator.masking import TOKEN_PATTERN
+from orchestrator.ops.config import settings
+from orchestrator.ops.masking import TOKEN_PATTERN
 from tests.web.conftest import csrf_token, valid_order
 from tests.web.drive import body, command_body, dead_letter, make_stuck, place
 from web import create_app
