@@ -484,6 +484,7 @@ def test_the_session_cookie_is_secure_in_production(
             '"payment": {"card_token": "tok_visa", "card_token": "tok_chargeDeclined"}}',
             "card_token",
         ),
+        ('{"x": {"\\ud800\\n": 1, "\\ud800\\n": 2}}', "\ud800\n"),
     ],
 )
 def test_duplicate_keys_anywhere_are_400_naming_the_key(
@@ -491,7 +492,7 @@ def test_duplicate_keys_anywhere_are_400_naming_the_key(
 ) -> None:
     response = client.post("/orders", data=raw, content_type="application/json")
     error = assert_error(response, 400, "duplicate_key")
-    assert error["details"] == {"key": key} and key in error["message"]
+    assert error["details"] == {"key": key} and repr(key) in error["message"]
 
 
 def test_duplicate_keys_in_an_admin_body_are_400(
