@@ -24,6 +24,7 @@ from tests.web.conftest import csrf_token, valid_order
 from tests.web.drive import body, command_body, dead_letter, make_stuck, place
 from web import create_app
 from web.schemas import PublicEvent
+from web.security import relative
 
 JSON = {"Accept": "application/json"}
 NOTE_WITH_TOKEN = "customer read tok_secretcard4242 to me"
@@ -406,6 +407,21 @@ def test_double_slash_paths_redirect_to_this_site(
     response = get_raw(client, path, {**admin_headers, "Host": "evil.example"})
     assert response.status_code == 308
     assert response.headers["Location"] == target
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("http://evil.example/admin/sagas?state=failed", "/admin/sagas?state=failed"),
+        ("https://evil.example//evil.example/x", "/evil.example/x"),
+        ("//evil.example/x", "/x"),
+        ("/\\evil.example/x", "/evil.example/x"),
+        ("/orders/1#top", "/orders/1#top"),
+        ("http://evil.example", "/"),
+    ],
+)
+def test_relative_keeps_path_query_and_fragment_only(location: str, expected: str) -> None:
+    assert relative(location) == expected
 
 
 def test_form_redirects_are_relative(client: FlaskClient) -> None:
