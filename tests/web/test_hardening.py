@@ -14,6 +14,9 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from werkzeug.test import TestResponse
 
 from models.db import transaction
@@ -22,6 +25,7 @@ from orchestrator.ops.config import settings
 from orchestrator.ops.masking import TOKEN_PATTERN
 from tests.web.conftest import csrf_token, valid_order
 from tests.web.drive import body, command_body, dead_letter, make_stuck, place
+from tests.web.test_bad_input import json_values
 from web import create_app
 from web.schemas import PublicEvent
 from web.security import relative
@@ -560,3 +564,33 @@ def test_the_description_carries_the_validation_limits(client: FlaskClient) -> N
     # The limits are the validation's: one past each is refused.
     too_long = valid_order(items=[{"sku": "S" * 65, "quantity": 1}])
     assert client.post("/orders", json=too_long).status_code == 422
+
+
+ADMIN_POSTS = [
+    "/admin/sagas/{saga}/retry",
+    "/admin/sagas/{saga}/compensate",
+    "/admin/sagas/bulk",
+    "/admin/dead-letters/{letter}/replay",
+    "/admin/dead-letters/{letter}/discard",
+]
+
+
+@settings_(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(value=json_values, route=st.sampled_from(ADMIN_POSTS))
+def test_any_json_body_on_any_admin_post_is_a_clean_refusal(
+    client: FlaskClient, admin_headers: dict[str, str], value: Any, route: str
+) -> None:
+    """Any JSON value (surrogates and control characters included) as the body of any admin
+    post, aimed at a saga and a letter that do not exist: a 4xx in the contract's shape."""
+    path = route.format(saga=uuid.uuid4(), letter=2**62)
+    raw = json.dumps(value)
+    response = client.post(
+        path, data=raw, content_type="application/json", headers={**admin_headers, **JSON}
+    )
+    if route.endswith("bulk") and response.status_code == 200:
+        assert all(r["status"] == 404 for r in body(response)["results"])
+    else:
+        assert_error(response, response.status_code)
+        assert response.status_code in {400, 404, 422}
