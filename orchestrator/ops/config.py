@@ -11,10 +11,10 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@localhost:5432/sagas"
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672//"
@@ -105,6 +105,8 @@ class Settings(BaseSettings):
 
     # --- the web server
     web_host: str = _env("SAGA_WEB_HOST", "127.0.0.1", min_length=1)
+    # Comma-separated; empty: any Host header is answered (development).
+    trusted_hosts: Annotated[tuple[str, ...], NoDecode] = _env("SAGA_TRUSTED_HOSTS", ())
     web_workers: int = _env("SAGA_WEB_WORKERS", 2, ge=1)
     web_threads: int = _env("SAGA_WEB_THREADS", 8, ge=1)
 
@@ -145,6 +147,13 @@ class Settings(BaseSettings):
             return value  # another error is reported for those fields
         generated = _dev_secrets(info.data["state_dir"])[info.field_name or ""]
         return SecretStr(generated) if isinstance(value, SecretStr) else generated
+
+    @field_validator("trusted_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(h.strip() for h in value.split(",") if h.strip())
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
