@@ -18,8 +18,10 @@ class Unreachable(RuntimeError):
     """The database or the broker did not answer."""
 
     def __init__(self, service: str, url: str, reason: object) -> None:
-        first_line = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason)
-        super().__init__(f"cannot reach the {service} at {url}: {first_line}")
+        lines = str(reason).strip().splitlines()
+        super().__init__(
+            f"cannot reach the {service} at {url}: {lines[0] if lines else type(reason).__name__}"
+        )
         self.service = service
 
 
