@@ -20,7 +20,14 @@ from orchestrator.celery_app import app as celery_app
 from orchestrator.client import Api
 from orchestrator.harness import Processes
 from orchestrator.messages import ReplyOutcome, ReplyPayload, make_reply, parse_command
-from tests.integration.helpers import make_product, order_body, place, product, wait_final
+from tests.integration.helpers import (
+    LogCursor,
+    make_product,
+    order_body,
+    place,
+    product,
+    wait_final,
+)
 
 FAST_PATH_WRITERS = ("web", "orchestrator")
 
@@ -67,6 +74,19 @@ def effects(saga_id: str) -> dict[str, int]:
             {"s": saga_id},
         ).one()
     return {"reservations": row[0], "charges": row[1]}
+
+
+def steps_done(saga_ids: list[str]) -> int:
+    """How many forward steps of these sagas have succeeded so far (evidence of work in hand)."""
+    with transaction() as session:
+        count = session.scalar(
+            sa.text(
+                "SELECT count(*) FROM saga_steps WHERE saga_id = ANY(CAST(:s AS uuid[]))"
+                " AND status = 'succeeded' AND idx > 0"
+            ),
+            {"s": saga_ids},
+        )
+    return int(count or 0)
 
 
 @pytest.fixture
@@ -161,7 +181,7 @@ def test_the_sweeper_sends_what_the_relay_left_unsent(api: Api, system: Processe
 def test_the_orchestrator_killed_mid_run_loses_no_saga(api: Api, system: Processes) -> None:
     sku = make_product(stock=100)
     placed = [place(api, order_body(sku)) for _ in range(20)]
-    time.sleep(0.3)
+    wait_until(lambda: steps_done([p["saga_id"] for p in placed]) > 0, what="a saga under way")
     system.restart("orchestrator")
     views = api.wait_final([p["order_id"] for p in placed], timeout_s=60)
     assert {v["status"] for v in views.values()} == {"confirmed"}
@@ -184,10 +204,12 @@ def test_a_reply_delivered_twice_makes_one_transition(api: Api, system: Processe
     failed = make_reply(
         command, 1, ReplyPayload(outcome=ReplyOutcome.FAILED, reason="out_of_stock")
     )
+    orchestrator_log = LogCursor.at_end(system, "orchestrator")
     for duplicate in (reply, reply, failed):
         celery_app.send_task("saga.reply", args=[duplicate])
-    time.sleep(2)
-    after = api.order(placed["order_id"])
+    # Each of the three was received and fenced off by its request id...
+    orchestrator_log.wait_for(f"saga_id={placed['saga_id']}", "ignored (not awaited", count=3)
+    after = api.order(placed["order_id"])  # ...and changed nothing
     assert after["saga"] == before["saga"]
     assert after["status"] == "confirmed"
 
@@ -195,7 +217,7 @@ def test_a_reply_delivered_twice_makes_one_transition(api: Api, system: Processe
 def test_a_worker_killed_while_busy_finishes_every_saga_once(api: Api, system: Processes) -> None:
     sku = make_product(stock=100)
     placed = [place(api, order_body(sku, token="tok_visa")) for _ in range(15)]
-    time.sleep(0.2)
+    wait_until(lambda: steps_done([p["saga_id"] for p in placed]) > 0, what="a saga under way")
     system.restart("payment")
     views = api.wait_final([p["order_id"] for p in placed], timeout_s=90)
     assert {v["status"] for v in views.values()} == {"confirmed"}
