@@ -30,6 +30,25 @@ def settle_and_audit(timeout_s: float = 60) -> audit.Report:
     return audit.run()
 
 
+def add_dead_letter(saga_id: str | None, state: str = "dead", age_days: float = 0) -> int:
+    """A row as the dead-letter intake writes it (``age_days`` old; resolved then, unless dead),
+    naming ``saga_id`` or nothing. Returns its id."""
+    with transaction() as session:
+        letter_id = session.scalar(
+            sa.text("""
+                INSERT INTO dead_letters (saga_id, step, queue, reason, state, exchange,
+                    routing_key, headers, properties, body, fingerprint, at, resolved_at)
+                VALUES (CAST(:s AS uuid), 'payment.charge', 'payment', 'rejected (test)', :state,
+                    'saga', 'payment', '{}', '{}', '\\x7b7d', :f,
+                    now() - make_interval(secs => :age),
+                    CASE WHEN :resolved THEN now() - make_interval(secs => :age) END)
+                RETURNING id"""),
+            {"s": saga_id, "state": state, "resolved": state != "dead", "f": uuid.uuid4().hex,
+             "age": age_days * 86400},
+        )
+    return int(letter_id)
+
+
 def make_product(stock: int, price_cents: int = 100) -> str:
     """A product of this test's own (random SKU), so tests never share stock."""
     sku = f"SKU-T-{uuid.uuid4().hex[:10].upper()}"

@@ -28,7 +28,7 @@ from orchestrator.client import Api
 from orchestrator.config import settings
 from orchestrator.harness import Processes
 from orchestrator.processes import sagactl
-from tests.integration.helpers import make_product, order_body, place, wait_final
+from tests.integration.helpers import add_dead_letter, make_product, order_body, place, wait_final
 
 Sql = tuple[str, dict[str, Any]]
 
@@ -199,31 +199,25 @@ def test_invariant_4_the_order_status_disagrees_with_its_saga(
     assert_clean(system)
 
 
-def dead_letter_sql(saga_id: str | None, state: str = "dead") -> Sql:
-    """A row as the dead-letter intake writes it, naming ``saga_id`` (or nothing)."""
-    return (
-        """INSERT INTO dead_letters (saga_id, step, queue, reason, state, exchange, routing_key,
-                                     headers, properties, body, fingerprint)
-           VALUES (CAST(:s AS uuid), 'payment.charge', 'payment', 'rejected (test)', :state,
-                   'saga', 'payment', '{}', '{}', '\\x7b7d', :f)
-           RETURNING id""",
-        {"s": saga_id, "state": state, "f": uuid.uuid4().hex},
-    )
+@contextmanager
+def dead_letters(*saga_ids: str | None) -> Iterator[list[int]]:
+    """Dead letters naming these sagas (or none), deleted afterwards."""
+    letters = [add_dead_letter(saga_id) for saga_id in saga_ids]
+    try:
+        yield letters
+    finally:
+        execute(("DELETE FROM dead_letters WHERE id = ANY(:i)", {"i": letters}))
 
 
 def test_invariant_5_a_dead_letter_left_dead_on_a_completed_saga(
     system: Processes, confirmed: dict[str, str]
 ) -> None:
-    insert = dead_letter_sql(confirmed["saga_id"])
-    with broken([insert], []) as [letter]:
-        try:
-            [violation] = assert_breach(system, 5, confirmed["order_id"])
-            assert f"dead letter {letter}" in violation["detail"]
-            # Resolved (replayed or discarded), the same letter is accounted for.
-            execute(("UPDATE dead_letters SET state = 'discarded' WHERE id = :i", {"i": letter}))
-            assert_clean(system)
-        finally:
-            execute(("DELETE FROM dead_letters WHERE id = :i", {"i": letter}))
+    with dead_letters(confirmed["saga_id"]) as [letter]:
+        [violation] = assert_breach(system, 5, confirmed["order_id"])
+        assert f"dead letter {letter}" in violation["detail"]
+        # Resolved (replayed or discarded), the same letter is accounted for.
+        execute(("UPDATE dead_letters SET state = 'discarded' WHERE id = :i", {"i": letter}))
+        assert_clean(system)
 
 
 def test_a_dead_letter_naming_no_saga_or_a_missing_one_is_listed_as_an_orphan(
@@ -231,14 +225,11 @@ def test_a_dead_letter_naming_no_saga_or_a_missing_one_is_listed_as_an_orphan(
 ) -> None:
     """The contract lists orphans (invariant 5: "one that names none is listed as an orphan");
     they are shown, by id, without being a breach of their own."""
-    with broken([dead_letter_sql(None), dead_letter_sql(str(uuid.uuid4()))], []) as letters:
-        try:
-            report = assert_clean(system)
-            orphans = {o["id"]: o for o in report["orphan_dead_letters"]}
-            assert set(letters) <= set(orphans)
-            assert all(orphans[i]["queue"] == "payment" for i in letters)
-        finally:
-            execute(("DELETE FROM dead_letters WHERE id = ANY(:i)", {"i": letters}))
+    with dead_letters(None, str(uuid.uuid4())) as letters:
+        report = assert_clean(system)
+        orphans = {o["id"]: o for o in report["orphan_dead_letters"]}
+        assert set(letters) <= set(orphans)
+        assert all(orphans[i]["queue"] == "payment" for i in letters)
     assert not set(letters) & {o["id"] for o in audit(system)[1]["orphan_dead_letters"]}
 
 
@@ -442,13 +433,10 @@ def test_chaos_no_double_effect(
 
 def test_chaos_every_dead_letter_accounted_for(confirmed: dict[str, str]) -> None:
     assert chaos_checks._dead_letters().ok
-    with broken([dead_letter_sql(confirmed["saga_id"])], []) as [letter]:
-        try:
-            found = chaos_checks._dead_letters()
-            assert not found.ok and found.order_ids == (confirmed["order_id"],)
-            assert f"dead letter {letter}" in found.detail["unaccounted"][0]
-        finally:
-            execute(("DELETE FROM dead_letters WHERE id = :i", {"i": letter}))
+    with dead_letters(confirmed["saga_id"]) as [letter]:
+        found = chaos_checks._dead_letters()
+        assert not found.ok and found.order_ids == (confirmed["order_id"],)
+        assert f"dead letter {letter}" in found.detail["unaccounted"][0]
     assert chaos_checks._dead_letters().ok
 
 
