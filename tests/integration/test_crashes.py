@@ -76,15 +76,17 @@ def effects(saga_id: str) -> dict[str, int]:
     return {"reservations": row[0], "charges": row[1]}
 
 
-def steps_done(saga_ids: list[str]) -> int:
-    """How many forward steps of these sagas have succeeded so far (evidence of work in hand)."""
+def steps_in(saga_ids: list[str], statuses: tuple[str, ...], step: str | None = None) -> int:
+    """How many forward steps of these sagas (``step`` only, if named) are in ``statuses``:
+    evidence of work in hand."""
     with transaction() as session:
         count = session.scalar(
             sa.text(
                 "SELECT count(*) FROM saga_steps WHERE saga_id = ANY(CAST(:s AS uuid[]))"
-                " AND status = 'succeeded' AND idx > 0"
+                " AND idx > 0 AND status = ANY(CAST(:st AS text[]))"
+                " AND (CAST(:n AS text) IS NULL OR name = :n)"
             ),
-            {"s": saga_ids},
+            {"s": saga_ids, "st": list(statuses), "n": step},
         )
     return int(count or 0)
 
@@ -181,7 +183,10 @@ def test_the_sweeper_sends_what_the_relay_left_unsent(api: Api, system: Processe
 def test_the_orchestrator_killed_mid_run_loses_no_saga(api: Api, system: Processes) -> None:
     sku = make_product(stock=100)
     placed = [place(api, order_body(sku)) for _ in range(20)]
-    wait_until(lambda: steps_done([p["saga_id"] for p in placed]) > 0, what="a saga under way")
+    wait_until(
+        lambda: steps_in([p["saga_id"] for p in placed], ("succeeded",)) > 0,
+        what="a reply applied by the orchestrator",
+    )
     system.restart("orchestrator")
     views = api.wait_final([p["order_id"] for p in placed], timeout_s=60)
     assert {v["status"] for v in views.values()} == {"confirmed"}
@@ -217,7 +222,10 @@ def test_a_reply_delivered_twice_makes_one_transition(api: Api, system: Processe
 def test_a_worker_killed_while_busy_finishes_every_saga_once(api: Api, system: Processes) -> None:
     sku = make_product(stock=100)
     placed = [place(api, order_body(sku, token="tok_visa")) for _ in range(15)]
-    wait_until(lambda: steps_done([p["saga_id"] for p in placed]) > 0, what="a saga under way")
+    wait_until(
+        lambda: steps_in([p["saga_id"] for p in placed], ("running",), "payment.charge") > 0,
+        what="a charge dispatched to the payment worker",
+    )
     system.restart("payment")
     views = api.wait_final([p["order_id"] for p in placed], timeout_s=90)
     assert {v["status"] for v in views.values()} == {"confirmed"}
