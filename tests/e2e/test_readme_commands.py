@@ -76,7 +76,7 @@ def test_make_run_from_a_fresh_clone_serves_orders(tmp_path: Path) -> None:
         finally:
             engine.dispose()
         assert revision == ScriptDirectory.from_config(alembic_config(box.database_url)).get_current_head()
-        assert skus == {p.sku for p in catalog.DEMO_PRODUCTS}
+        assert skus == {sku for sku, *_ in catalog.DEMO_PRODUCTS}
         demo = subprocess.run([str(clone / ".venv/bin/sagactl"), "demo", "--count", "8", "--json",
                                "--url", f"http://127.0.0.1:{port}"], env=env,
                               capture_output=True, text=True, timeout=180)
