@@ -5,7 +5,7 @@ from sqlalchemy import engine_from_config, pool
 
 import models  # noqa: F401  (registers every table on the metadata)
 from models.base import Base
-from orchestrator.config import settings
+from orchestrator.ops.config import settings
 
 config = context.config
 target_metadata = Base.metadata

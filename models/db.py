@@ -23,7 +23,7 @@ RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
 @lru_cache(maxsize=4)
 def get_engine(url: str | None = None) -> sa.Engine:
-    from orchestrator.config import settings  # late: models must not need the app to import
+    from orchestrator.ops.config import settings  # late: models must not need the app to import
 
     # Small pools: a Celery child runs one task at a time, and a whole system on one machine must
     # stay well under PostgreSQL's max_connections (100 by default).

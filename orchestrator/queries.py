@@ -16,7 +16,7 @@ from models.catalog import Product
 from models.enums import SagaState
 from models.orders import Order
 from models.sagas import Saga, SagaEvent, SagaStep
-from orchestrator import engine
+from orchestrator.kernel import engine
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from orchestrator.harness import SHORT_TIMINGS
+from orchestrator.proof.harness import SHORT_TIMINGS
 
 if TYPE_CHECKING:  # imported lazily at run time: the unit tier needs no services
-    from orchestrator.client import Api
-    from orchestrator.harness import Processes, Sandbox
+    from orchestrator.proof.client import Api
+    from orchestrator.proof.harness import Processes, Sandbox
 
 # Short timings for every process a test starts (the contract's variables).
 TEST_TIMINGS = SHORT_TIMINGS
@@ -30,7 +30,7 @@ def artifacts() -> Path:
 
 @pytest.fixture(scope="session")
 def sandbox(artifacts: Path) -> Iterator[object]:
-    from orchestrator.harness import Sandbox, use_sandbox
+    from orchestrator.proof.harness import Sandbox, use_sandbox
 
     os.environ.update(TEST_TIMINGS)
     os.environ["SAGA_FAILPOINTS_DIR"] = str(artifacts / "failpoints")
@@ -49,7 +49,7 @@ def sandbox(artifacts: Path) -> Iterator[object]:
 @pytest.fixture(scope="session")
 def system(sandbox: Sandbox, artifacts: Path) -> Iterator[Processes]:
     """Every process of the contract, started once per session, shared by integration and e2e."""
-    from orchestrator.harness import Processes
+    from orchestrator.proof.harness import Processes
 
     procs = Processes(sandbox, artifacts / "logs")
     try:
@@ -63,6 +63,6 @@ def system(sandbox: Sandbox, artifacts: Path) -> Iterator[Processes]:
 
 @pytest.fixture
 def api(system: Processes) -> Api:
-    from orchestrator.client import Api
+    from orchestrator.proof.client import Api
 
     return Api.connect(system.url)

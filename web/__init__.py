@@ -1,6 +1,6 @@
 """The Flask front end: order form and API, admin console, health and metrics.
 
-``create_app()`` refuses to start in production without its secrets (see orchestrator.config).
+``create_app()`` refuses to start in production without its secrets (see orchestrator.ops.config).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 from flask import Flask, Response, g, request
 from flask_wtf.csrf import generate_csrf
 
-from orchestrator.config import settings
-from orchestrator.logs import log_context, setup_logging
+from orchestrator.ops.config import settings
+from orchestrator.ops.logs import log_context, setup_logging
 
 MAX_BODY = 64 * 1024
 
@@ -38,13 +38,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         ADMIN_PASSWORD=cfg.admin_password,
         FAULT_INJECTION=cfg.fault_injection,
         JSON_SORT_KEYS=False,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=cfg.production,
+        TRUSTED_HOSTS=list(cfg.trusted_hosts) or None,
     )
     if test_config:
         app.config.update(test_config)
 
-    from web import admin, errors, ops, orders, presenters
+    from web import admin, errors, ops, orders, presenters, security
 
     errors.register(app)
+    security.register(app)
     app.jinja_env.filters.update(explain=presenters.explain, money=presenters.money,
                                duration=presenters.duration,
                                attempt_chart=presenters.attempt_chart)

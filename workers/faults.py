@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 
-from orchestrator.messages import FAULT, Command, fault_fired_line
+from orchestrator.messaging.envelopes import FAULT, Command, fault_fired_line
 
 log = logging.getLogger(__name__)
 

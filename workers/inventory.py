@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session
 
 from models.enums import Reason, ReservationStatus
 from models.participants import Reservation
-from orchestrator.celery_app import app
-from orchestrator.messages import Command, CommandPayload, ReservePayload
+from orchestrator.messaging.celery_app import app
+from orchestrator.messaging.envelopes import Command, CommandPayload, ReservePayload
 from workers import records, stock
 from workers.participant import Result, participant
 

@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session
 from models.enums import OrderStatus, ReservationStatus
 from models.orders import Order
 from models.participants import Reservation
-from orchestrator.celery_app import app
-from orchestrator.messages import CancelPayload, Command, CommandPayload
+from orchestrator.messaging.celery_app import app
+from orchestrator.messaging.envelopes import CancelPayload, Command, CommandPayload
 from workers import stock
 from workers.participant import Result, participant
 

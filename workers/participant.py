@@ -22,9 +22,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models.db import is_retryable, run_in_transaction
-from orchestrator.celery_app import app
-from orchestrator.logs import log_context
-from orchestrator.messages import (
+from orchestrator.kernel.machine import RetryPolicy
+from orchestrator.messaging.celery_app import app
+from orchestrator.messaging.envelopes import (
     Command,
     CommandPayload,
     PoisonMessage,
@@ -34,7 +34,7 @@ from orchestrator.messages import (
     parse_command,
     trace_headers,
 )
-from orchestrator.saga import RetryPolicy
+from orchestrator.ops.logs import log_context
 from workers import faults
 
 log = logging.getLogger(__name__)

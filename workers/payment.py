@@ -8,8 +8,8 @@ from sqlalchemy.orm import Session
 
 from models.enums import ChargeStatus, Reason
 from models.participants import Charge
-from orchestrator.celery_app import app
-from orchestrator.messages import ChargePayload, Command, CommandPayload
+from orchestrator.messaging.celery_app import app
+from orchestrator.messaging.envelopes import ChargePayload, Command, CommandPayload
 from workers import records
 from workers.participant import Result, participant
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from orchestrator.messages import Command
+from orchestrator.messaging.envelopes import Command
 
 Row = TypeVar("Row")
 

@@ -25,7 +25,7 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from orchestrator.harness import Processes
+from orchestrator.proof.harness import Processes
 from tests.integration.helpers import settle_and_audit
 
 CHROMIUM = os.environ.get("SAGA_CHROMIUM", "/usr/bin/chromium")
@@ -110,7 +110,7 @@ def page(browser: Browser, audited_system: Processes, console: Console) -> Itera
 @pytest.fixture
 def admin_page(browser: Browser, audited_system: Processes, console: Console) -> Iterator[Page]:
     """An operator's tab: HTTP Basic with the app's own credentials (dev secrets of the sandbox)."""
-    from orchestrator.config import settings
+    from orchestrator.ops.config import settings
 
     cfg = settings()
     context = _context(browser, audited_system,

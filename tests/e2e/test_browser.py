@@ -9,8 +9,8 @@ from pathlib import Path
 
 from playwright.sync_api import Page, Response, expect
 
-from orchestrator.client import Api
-from orchestrator.harness import Processes
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes
 from tests.e2e.conftest import Console, paused
 from tests.integration.helpers import make_product, order_body, place, wait_final
 from web.presenters import CONFIRMED_TEXT, REASON_TEXT

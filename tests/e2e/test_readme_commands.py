@@ -16,9 +16,9 @@ import psycopg
 import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 
-from orchestrator import catalog
-from orchestrator.database import alembic_config
-from orchestrator.harness import READY_MARKERS, Sandbox, free_port
+from orchestrator.ops.database import alembic_config
+from orchestrator.proof.harness import READY_MARKERS, Sandbox, free_port
+from orchestrator.sagas import catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 

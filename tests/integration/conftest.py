@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator.harness import Processes
+from orchestrator.proof.harness import Processes
 from tests.integration.helpers import settle_and_audit
 
 

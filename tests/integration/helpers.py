@@ -12,9 +12,9 @@ import sqlalchemy as sa
 
 from models.catalog import Product
 from models.db import transaction
-from orchestrator import audit
-from orchestrator.client import Api
-from orchestrator.harness import Processes
+from orchestrator.ops import audit
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes
 
 
 def settle_and_audit(timeout_s: float = 60) -> audit.Report:

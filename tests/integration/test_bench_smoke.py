@@ -13,8 +13,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from orchestrator.config import DEFAULT_DATABASE_URL
-from orchestrator.processes import sagactl
+from orchestrator.ops.config import DEFAULT_DATABASE_URL
+from orchestrator.ops.processes import sagactl
 
 N = 20
 LATENCY_KEYS = ("p50_ms", "p95_ms", "p99_ms", "max_ms")

@@ -22,12 +22,12 @@ import sqlalchemy as sa
 from kombu import Connection, Producer, Queue
 
 from models.db import get_engine, transaction
-from orchestrator import chaos_checks
-from orchestrator.chaos_load import Ledger
-from orchestrator.client import Api
-from orchestrator.config import settings
-from orchestrator.harness import Processes
-from orchestrator.processes import sagactl
+from orchestrator.ops.config import settings
+from orchestrator.ops.processes import sagactl
+from orchestrator.proof.chaos import checks as chaos_checks
+from orchestrator.proof.chaos.load import Ledger
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes
 from tests.integration.helpers import add_dead_letter, make_product, order_body, place, wait_final
 
 Sql = tuple[str, dict[str, Any]]

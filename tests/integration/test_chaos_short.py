@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.processes import sagactl
+from orchestrator.ops.processes import sagactl
 
 DURATION_S = 90
 SEED = 20240607

@@ -9,9 +9,9 @@ import uuid
 import sqlalchemy as sa
 
 from models.db import get_engine, transaction
-from orchestrator.client import Api
-from orchestrator.harness import Processes
-from orchestrator.processes import sagactl
+from orchestrator.ops.processes import sagactl
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes
 from tests.integration.helpers import (
     add_dead_letter,
     make_product,

@@ -16,10 +16,10 @@ import pytest
 import sqlalchemy as sa
 
 from models.db import transaction
-from orchestrator.celery_app import app as celery_app
-from orchestrator.client import Api
-from orchestrator.harness import Processes
-from orchestrator.messages import ReplyOutcome, ReplyPayload, make_reply, parse_command
+from orchestrator.messaging.celery_app import app as celery_app
+from orchestrator.messaging.envelopes import ReplyOutcome, ReplyPayload, make_reply, parse_command
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes
 from tests.integration.helpers import (
     LogCursor,
     make_product,

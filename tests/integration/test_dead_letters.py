@@ -13,11 +13,11 @@ import sqlalchemy as sa
 from kombu import Connection, Producer
 
 from models.db import transaction
-from orchestrator.client import Api
-from orchestrator.config import settings
-from orchestrator.harness import Processes
-from orchestrator.processes import sagactl
-from orchestrator.topology import TASK_EXCHANGE
+from orchestrator.messaging.topology import TASK_EXCHANGE
+from orchestrator.ops.config import settings
+from orchestrator.ops.processes import sagactl
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes
 from tests.integration.helpers import make_product, order_body, place, wait_final
 
 

@@ -10,10 +10,11 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from orchestrator import engine, fastpath
-from orchestrator.client import Api
-from orchestrator.config import settings
-from orchestrator.ordering import place_order
+from orchestrator.kernel import engine
+from orchestrator.messaging import fastpath
+from orchestrator.ops.config import settings
+from orchestrator.proof.client import Api
+from orchestrator.sagas.placing import place_order
 from tests.integration.helpers import make_product, wait_final
 
 

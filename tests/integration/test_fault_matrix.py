@@ -16,9 +16,9 @@ from typing import Any
 import psutil
 import pytest
 
-from orchestrator.client import Api
-from orchestrator.harness import Processes
-from orchestrator.topology import SERVICES
+from orchestrator.messaging.topology import SERVICES
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes
 from tests.conftest import TEST_TIMINGS
 from tests.integration.helpers import (
     LogCursor,

@@ -8,8 +8,8 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.client import Api
-from orchestrator.harness import Processes, free_port
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes, free_port
 from tests.integration.helpers import make_product, order_body, place, settle_and_audit
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

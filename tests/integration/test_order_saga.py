@@ -10,9 +10,9 @@ import sqlalchemy as sa
 
 from models.db import transaction
 from models.outbox import OutboxMessage
-from orchestrator.client import Api
-from orchestrator.harness import Processes
-from orchestrator.topology import SERVICES
+from orchestrator.messaging.topology import SERVICES
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes
 from tests.conftest import TEST_TIMINGS
 from tests.integration.helpers import (
     LogCursor,
@@ -168,8 +168,8 @@ def test_concurrent_requests_with_one_key_never_make_two_orders(api: Api) -> Non
 
 
 def test_every_command_delivered_twice_changes_nothing(api: Api, system: Processes) -> None:
-    from orchestrator.config import settings
-    from orchestrator.outbox import ConfirmingPublisher, to_wire
+    from orchestrator.messaging.outbox import ConfirmingPublisher, to_wire
+    from orchestrator.ops.config import settings
 
     sku = make_product(stock=5)
     placed = place(api, order_body(sku, quantity=2))

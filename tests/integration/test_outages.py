@@ -8,8 +8,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from orchestrator.client import Api
-from orchestrator.harness import (
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import (
     Processes,
     close_broker_connections,
     terminate_database_connections,

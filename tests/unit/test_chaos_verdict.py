@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from orchestrator import chaos_checks as checks
+from orchestrator.proof.chaos import checks
 
 BUDGET = 3
 

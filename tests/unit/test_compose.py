@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from orchestrator import cli, config
-from orchestrator.processes import PROCESS_TABLE
+from orchestrator.ops import cli, config
+from orchestrator.ops.processes import PROCESS_TABLE
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,8 @@ import json
 import uuid
 from pathlib import Path
 
-from orchestrator.chaos_checks import faults_fired
-from orchestrator.messages import FAULT_FIRED, fault_fired_line
+from orchestrator.messaging.envelopes import FAULT_FIRED, fault_fired_line
+from orchestrator.proof.chaos.checks import faults_fired
 
 
 def test_the_fired_line_reads_back() -> None:

@@ -9,8 +9,7 @@ import pytest
 from models.enums import CompensationStatus as C
 from models.enums import Reason, SagaState
 from models.enums import StepStatus as S
-from orchestrator.order_saga import ORDER_SAGA
-from orchestrator.saga import (
+from orchestrator.kernel.machine import (
     CompensationParked,
     CompensationSucceeded,
     Dispatch,
@@ -24,6 +23,7 @@ from orchestrator.saga import (
     advance,
     initial,
 )
+from orchestrator.sagas.order import ORDER_SAGA
 
 CREATE, RESERVE, CHARGE, CONFIRM = range(4)
 

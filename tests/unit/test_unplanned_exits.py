@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import failpoints
-from orchestrator.harness import Processes, Running, Sandbox
+from orchestrator.ops import failpoints
+from orchestrator.proof.harness import Processes, Running, Sandbox
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_expect_exit_plans_a_death_the_harness_cannot_see(procs: Processes, tmp_
 def test_a_fail_point_records_the_pid_it_kills(tmp_path: Path) -> None:
     env = {**os.environ, "SAGA_FAULT_INJECTION": "1", "SAGA_FAILPOINTS_DIR": str(tmp_path)}
     (tmp_path / "relay.after_publish").touch()
-    code = "from orchestrator import failpoints; failpoints.hit('relay.after_publish')"
+    code = "from orchestrator.ops import failpoints; failpoints.hit('relay.after_publish')"
     child = subprocess.Popen([sys.executable, "-c", code], env=env)
     assert child.wait(timeout=60) == -signal.SIGKILL
     assert not (tmp_path / "relay.after_publish").exists()  # it fires once

@@ -16,7 +16,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from orchestrator.harness import Sandbox
+from orchestrator.proof.harness import Sandbox
 
 
 @pytest.fixture(scope="package")
@@ -25,7 +25,7 @@ def web_sandbox(sandbox: Sandbox) -> Iterator[Sandbox]:
     `system` (alive once an integration or e2e test started it) must never run them, nor its
     audits see them; the process points back at the session's sandbox when the tier ends."""
     from models.db import get_engine
-    from orchestrator.harness import use_sandbox
+    from orchestrator.proof.harness import use_sandbox
 
     box = Sandbox.create("sagaweb")
     # Nothing is published here either: every command written stays in the outbox, unsent.

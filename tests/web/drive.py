@@ -19,9 +19,9 @@ from models.db import transaction
 from models.deadletters import DeadLetter
 from models.enums import DeadLetterState, SagaState
 from models.sagas import SagaStep
-from orchestrator import engine
-from orchestrator.messages import ReplyOutcome
-from orchestrator.order_saga import ORDER_SAGA
+from orchestrator.kernel import engine
+from orchestrator.messaging.envelopes import ReplyOutcome
+from orchestrator.sagas.order import ORDER_SAGA
 from tests.web.conftest import valid_order
 
 

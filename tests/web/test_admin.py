@@ -14,9 +14,9 @@ from flask.testing import FlaskClient
 from kombu import Connection
 
 from models.db import transaction
-from orchestrator.config import settings
-from orchestrator.messages import ReplyOutcome
-from orchestrator.topology import declare_all
+from orchestrator.messaging.envelopes import ReplyOutcome
+from orchestrator.messaging.topology import declare_all
+from orchestrator.ops.config import settings
 from tests.web.conftest import csrf_token
 from tests.web.drive import (
     answer,

@@ -14,7 +14,7 @@ from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate as validate_spec
 from werkzeug.test import TestResponse
 
-from orchestrator.messages import ReplyOutcome
+from orchestrator.messaging.envelopes import ReplyOutcome
 from tests.web.conftest import valid_order
 from tests.web.drive import answer, command_body, complete, dead_letter, make_stuck, place
 

@@ -13,10 +13,10 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.db import get_engine, transaction
-from orchestrator import health
-from orchestrator.config import settings
-from orchestrator.harness import free_port
-from orchestrator.messages import ReplyOutcome
+from orchestrator.messaging.envelopes import ReplyOutcome
+from orchestrator.ops import health
+from orchestrator.ops.config import settings
+from orchestrator.proof.harness import free_port
 from tests.web.drive import answer, command_body, complete, dead_letter, make_stuck, place
 
 FAMILIES = {

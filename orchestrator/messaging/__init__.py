@@ -1,0 +1,1 @@
+"""Celery app, topology, envelopes, the outbox and its publishers, dead letters."""

@@ -1,0 +1,1 @@
+"""Operating the system: the CLI, settings, logs, health, metrics, processes, audit."""

@@ -1,0 +1,160 @@
+"""The process table of the contract, as data, and a small supervisor for ``sagactl run``.
+
+Every process is started as ``python -m orchestrator.ops.cli <args>``, so ``run``, docker-compose and a
+person at a shell all start exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from orchestrator.messaging.topology import ORCHESTRATOR_QUEUE, SERVICES
+
+# name -> sagactl arguments
+PROCESS_TABLE: dict[str, list[str]] = {
+    "web": ["web"],
+    "orchestrator": ["worker", "orchestrator"],
+    "relay": ["relay"],
+    **{service: ["worker", service] for service in SERVICES},
+    "beat": ["beat"],
+}
+
+# worker name -> (Celery app module, queue)
+WORKERS: dict[str, tuple[str, str]] = {
+    "orchestrator": ("orchestrator.kernel.tasks", ORCHESTRATOR_QUEUE),
+    **{service: (f"workers.{service}", service) for service in SERVICES},
+}
+
+
+def sagactl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.ops.cli", *args]
+
+
+def celery_worker_argv(name: str, concurrency: int, pool: str = "prefork") -> list[str]:
+    module, queue = WORKERS[name]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        module,
+        "worker",
+        "-Q",
+        queue,
+        "-n",
+        # Unique per process: two orchestrators (or two of any worker) may run side by side.
+        f"{name}-{os.getpid()}@%h",
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "INFO",
+    ]
+
+
+def wait_for_http(url: str, timeout_s: float) -> bool:
+    """Poll ``url`` until it answers 200; False if it never did within ``timeout_s``."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        self.started_at = time.monotonic()
+
+
+@dataclass
+class Supervisor:
+    """Starts every process, restarts one that dies unexpectedly, stops all on Ctrl-C/SIGTERM."""
+
+    children: list[Child]
+    say: Callable[[str], None] = print
+    stopping: bool = field(default=False)
+
+    @classmethod
+    def for_names(
+        cls,
+        names: Sequence[str],
+        env: dict[str, str],
+        port: int,
+        say: Callable[[str], None] = print,
+    ) -> Supervisor:
+        children = []
+        for name in names:
+            args = PROCESS_TABLE[name]
+            if name == "web":
+                args = [*args, "--port", str(port)]
+            children.append(Child(name, sagactl(*args), {**env, "SAGA_PROCESS": name}))
+        return cls(children, say)
+
+    def _stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> int:
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGTERM, self._stop)
+        for child in self.children:
+            child.start()
+            self.say(f"started {child.name} (pid {child.proc.pid if child.proc else '?'})")
+        if on_ready:
+            on_ready()
+        while not self.stopping:
+            time.sleep(0.5)
+            for child in self.children:
+                if child.proc is not None and child.proc.poll() is not None and not self.stopping:
+                    code = child.proc.returncode
+                    # Back off a process that keeps dying at start, so a broken one cannot spin.
+                    backoff = (
+                        min(30.0, 2.0 ** min(child.restarts, 5))
+                        if (time.monotonic() - child.started_at < 10)
+                        else 0.5
+                    )
+                    self.say(f"{child.name} exited with {code}; restarting in {backoff:.1f}s")
+                    time.sleep(backoff)
+                    child.restarts += 1
+                    child.start()
+        return self.shutdown()
+
+    def shutdown(self, grace_s: float = 30.0) -> int:
+        self.say("stopping every process (warm shutdown)…")
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                os.killpg(child.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
+        self.say("all stopped")
+        return 0

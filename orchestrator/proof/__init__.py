@@ -1,0 +1,1 @@
+"""Proof tooling shipped with the product: the sandbox harness, demo, bench and chaos."""

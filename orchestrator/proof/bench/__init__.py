@@ -1,0 +1,1 @@
+"""``sagactl bench``: saga throughput and latency against raw Celery baselines."""

@@ -1,0 +1,1 @@
+"""``sagactl chaos``: the system under load, faults and kills, then every invariant."""

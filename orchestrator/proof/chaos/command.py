@@ -1,0 +1,173 @@
+"""``sagactl chaos``: the whole system in a sandbox of its own, under load and faults, then proof.
+
+Load (orchestrator/proof/chaos/load.py) and disruptions (chaos_faults.py) run together for ``duration``
+seconds; then the system drains, sagas parked by the chaos are retried as an operator would, and
+every invariant is checked (chaos_checks.py). The report says what happened and what held.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.proof.chaos import checks as checks
+from orchestrator.proof.chaos.faults import Disruptor
+from orchestrator.proof.chaos.load import Load, create_products
+from orchestrator.proof.harness import SHORT_TIMINGS
+
+# Short retries and deadlines, so a run of minutes sees many of them.
+CHAOS_TIMINGS = {**SHORT_TIMINGS, "SAGA_DEADLINE_S": "60"}
+LONG_FORM_S = 300  # RabbitMQ is restarted only by a run at least this long (and when allowed)
+
+
+@dataclass(frozen=True)
+class Options:
+    duration_s: float = 60.0
+    seed: int | None = None
+    rate: float = 5.0
+    threads: int = 3
+    allow_broker_restart: bool = False
+    drain_timeout_s: float = 180.0
+    log_dir: Path | str | None = None
+    keep: bool = False
+
+
+def run(opts: Options, say: Callable[[str], None]) -> dict[str, Any]:
+    """Create the sandbox, run the chaos, check, tear down; returns the report."""
+    from models.db import get_engine
+    from orchestrator.proof.harness import Processes, Sandbox, use_sandbox
+
+    seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**31)
+    os.environ.update(CHAOS_TIMINGS)  # this process retries parked sagas with the same policy
+    box = Sandbox.create("sagachaos")
+    log_dir = Path(opts.log_dir or Path("artifacts") / "chaos") / box.name
+    failpoints_dir = log_dir / "failpoints"
+    failpoints_dir.mkdir(parents=True, exist_ok=True)
+    say(f"chaos: seed {seed}, sandbox {box.name}, logs in {log_dir}")
+    use_sandbox(box)
+    procs = Processes(box, log_dir / "logs",
+                      extra_env={**CHAOS_TIMINGS, "SAGA_FAILPOINTS_DIR": str(failpoints_dir)})
+    try:
+        create_products()
+        procs.start_all()
+        report = _run_in(box, procs, opts, seed, failpoints_dir, say)
+        report["log_dir"] = str(log_dir)
+        return report
+    finally:
+        procs.stop_all()
+        get_engine().dispose()
+        if opts.keep:
+            say(f"chaos: sandbox kept: database and vhost {box.name}")
+        else:
+            box.destroy()
+
+
+def _run_in(box: Any, procs: Any, opts: Options, seed: int, failpoints_dir: Path,
+            say: Callable[[str], None]) -> dict[str, Any]:
+    broker_restart = opts.allow_broker_restart and opts.duration_s >= LONG_FORM_S
+    if opts.allow_broker_restart and not broker_restart:
+        say(f"chaos: no broker restart: only a run of {LONG_FORM_S}s or more restarts RabbitMQ")
+    load = Load(procs.url, seed, opts.rate, opts.threads, run_id=box.name)
+    faults = Disruptor(procs, box, seed, failpoints_dir, say,
+                       broker_restart_at=opts.duration_s * random.Random(seed).uniform(0.3, 0.6)
+                       if broker_restart else None)
+    started = time.monotonic()
+    load.start()
+    faults.start()
+    while (elapsed := time.monotonic() - started) < opts.duration_s:
+        time.sleep(min(5.0, opts.duration_s - elapsed))
+        s = load.ledger.summary()
+        say(f"chaos t={time.monotonic() - started:.0f}/{opts.duration_s:.0f}s: "
+            f"{s['accepted']} orders accepted, {checks.in_flight_text()} sagas in flight, "
+            f"{faults.summary()['total']} disruptions")
+    load.stop.set()  # both stop now; each then finishes what it has in hand
+    faults.finish()
+    load.finish()
+    last_fault = max(faults.last_at, started)
+    quiet_from = time.monotonic()  # no new order, every process back up
+    say("chaos: load stopped; draining")
+    settled = checks.wait_settled(opts.drain_timeout_s, say)
+    drain_s = time.monotonic() - last_fault
+    drain_quiet_s = time.monotonic() - quiet_from
+    parked = checks.parked_sagas()
+    budget = int(CHAOS_TIMINGS["SAGA_COMPENSATION_ATTEMPTS"])
+    by_chaos = checks.parked_by_chaos(parked, budget)
+    # Retried as an operator would, so the other checks see a settled system; the park itself
+    # still breaks the run (no_park_by_chaos).
+    retried = checks.operator_retry([p.saga_id for p in by_chaos])
+    if by_chaos:
+        say(f"chaos: operator retry of {len(by_chaos)} saga(s) parked by the chaos")
+        settled = checks.wait_settled(opts.drain_timeout_s, say) and settled
+    still_parked = {p.saga_id for p in checks.parked_sagas()}
+    results = [*checks.check_all(load.ledger, box.name), checks.no_park_by_chaos(by_chaos),
+               checks.no_unexpected_exit(faults.unexpected)]
+    ok = all(c.ok for c in results)
+    broken = [o for c in results if not c.ok for o in c.order_ids]
+    fired = checks.faults_fired(procs.log_dir)
+    timelines = procs.log_dir / "timelines.txt"
+    shown = checks.write_timelines(timelines, broken)
+    return {
+        "ok": ok, "seed": seed, "duration_s": opts.duration_s, "rate": opts.rate,
+        "threads": opts.threads, "sandbox": box.name,
+        "orders": load.ledger.summary(),
+        # Planned: the faults the accepted orders carried. Injected: what the participants say
+        # fired (a compensation fault fires only if the saga turns back through it).
+        "faults_planned": dict(load.ledger.faults),
+        "faults_injected": fired["fired"],
+        "fault_strikes": fired["strikes"],
+        "disruptions": faults.summary(),
+        "broker_restart": {"allowed": opts.allow_broker_restart, "done": any(
+            e["action"] == "broker_restart" for e in faults.events)},
+        "sagas": {**checks.saga_figures(), "parked_by_injected_fault": len(parked) - len(by_chaos),
+                  "parked_by_chaos": len(by_chaos), "operator_retried": retried["retried"],
+                  "recovered_after_retry": len([p for p in by_chaos if p.saga_id not in still_parked])},
+        "drain": {"settled": settled, "seconds_after_last_fault": round(drain_s, 1),
+                  "seconds_after_load_stopped": round(drain_quiet_s, 1)},
+        "invariants": [c.as_json() for c in results],
+        "timelines": str(timelines) if shown else None,
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report for people."""
+    o, s, d = report["orders"], report["sagas"], report["disruptions"]
+    lines = [
+        f"chaos run: seed {report['seed']}, {report['duration_s']:.0f}s at {report['rate']}/s, "
+        f"sandbox {report['sandbox']}, logs {report.get('log_dir')}",
+        f"orders: {o['planned']} placed, {o['accepted']} accepted, {o['unanswered']} never "
+        f"answered; answers {o['answers']}",
+        f"  by scenario {o['by_scenario']}",
+        f"  outcomes {s['order_outcomes']}",
+        f"faults injected (fired in the participants): {report['faults_injected']}, striking "
+        f"{report['fault_strikes']} attempt(s); planned in order bodies: "
+        f"{report['faults_planned']}",
+        f"disruptions ({d['total']}):",
+        *(f"  {action}: {targets}" for action, targets in sorted(d["by_action"].items())),
+        f"  broker restart: {'done' if report['broker_restart']['done'] else 'not done'}",
+        f"sagas: {s['retries']} retries, {s['timeouts']} timeouts, "
+        f"{s['dead_lettered']} dead-lettered, {s['compensations']} compensations "
+        f"({s['sagas_compensated']} sagas compensated)",
+        f"  parked: {s['sagas_parked']} sagas ({s['parked_by_injected_fault']} by an injected "
+        f"fault, {s['parked_by_chaos']} by the chaos: {s['operator_retried']} operator-retried, "
+        f"{s['recovered_after_retry']} recovered)",
+        f"  dead letters: {s['dead_letters']}",
+        f"drain: {'settled' if report['drain']['settled'] else 'NOT settled'} "
+        f"{report['drain']['seconds_after_last_fault']}s after the last disruption "
+        f"({report['drain']['seconds_after_load_stopped']}s after the load stopped and every "
+        "process was back)",
+        "invariants:",
+        *(f"  {'ok    ' if c['ok'] else 'BROKEN'} {c['name']}"
+          + (f": {c['detail']}" if c["detail"] and not c["ok"] else "")
+          for c in report["invariants"]),
+    ]
+    if d["errors"]:
+        lines.append(f"disruptions that failed: {d['errors']}")
+    if report.get("timelines"):
+        lines.append(f"timelines of the orders named: {report['timelines']}")
+    lines.append("OK" if report["ok"] else "BREACH")
+    return "\n".join(lines)

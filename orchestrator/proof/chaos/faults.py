@@ -1,0 +1,207 @@
+"""``sagactl chaos``, the disruptions: on a seeded schedule, kill and restart processes, cut the
+sandbox's RabbitMQ connections, terminate its PostgreSQL backends, arm fail points, restock.
+
+Only the sandbox's own vhost and database are touched; restarting RabbitMQ (which every user of
+the broker feels) happens only when the caller allows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+from orchestrator.ops import failpoints
+from orchestrator.proof.chaos.load import SCARCE
+from orchestrator.proof.harness import Processes, Sandbox
+from orchestrator.sagas import catalog
+
+WORKERS = ("orchestrator", "inventory", "payment", "orders")
+# (action, weight)
+ACTIONS = (("kill", 40), ("kill_child", 14), ("close_connections", 12),
+           ("terminate_backends", 12), ("failpoint", 8), ("restock", 8))
+# The web is killed too, less often: the client then sees connection errors and resends.
+KILL_TARGETS = (("orchestrator", 3), ("relay", 3), ("inventory", 2), ("payment", 2),
+                ("orders", 2), ("beat", 2), ("web", 1))
+
+
+def rabbitmqctl(*args: str, timeout_s: float = 60) -> str:
+    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    result = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout_s)
+    if result.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr.strip()[-500:]}")
+    return result.stdout
+
+
+def close_vhost_connections(vhost: str) -> int:
+    """Close the connections of ``vhost`` only (``-p``, no ``--global``: seen to leave other
+    vhosts' connections open), in one call. Returns how many the broker closed."""
+    out = rabbitmqctl("-q", "close_all_connections", "-p", vhost, "chaos")
+    found = re.search(r"Closed (\d+) connection", out)
+    return int(found.group(1)) if found else 0
+
+
+def terminate_backends(database_url: str) -> int:
+    """Terminate every PostgreSQL backend of the sandbox database but this one."""
+    url = sa.make_url(database_url)
+    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()", (url.database,)).fetchall()
+    return sum(1 for (done,) in rows if done)
+
+
+@dataclass
+class Disruptor:
+    """Runs the schedule in its own thread; the only thread that touches ``procs``."""
+
+    procs: Processes
+    box: Sandbox
+    seed: int
+    failpoints_dir: Path
+    say: Callable[[str], None]
+    interval_s: tuple[float, float] = (1.5, 4.0)
+    broker_restart_at: float | None = None  # seconds after start; None: never
+    counts: Counter[str] = field(default_factory=Counter)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)  # each unplanned death, with its log tail
+    last_at: float = 0.0
+    stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _started: float = 0.0
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="chaos-faults", daemon=True)
+        self._thread.start()
+
+    def finish(self) -> None:
+        """Stop the schedule, disarm fail points, and bring every process back."""
+        self.stop.set()
+        if self._thread:
+            self._thread.join(timeout=300)
+        for name in failpoints.NAMES:
+            if (self.failpoints_dir / name).exists():
+                self.counts[f"failpoint_unfired:{name}"] += 1
+            (self.failpoints_dir / name).unlink(missing_ok=True)
+        self.supervise(final=True)
+
+    def _loop(self) -> None:
+        rng = random.Random(f"{self.seed}/faults")
+        while not self.stop.wait(rng.uniform(*self.interval_s)):
+            self.supervise()
+            if (self.broker_restart_at is not None
+                    and time.monotonic() - self._started >= self.broker_restart_at):
+                self.broker_restart_at = None
+                self._do("broker_restart", "rabbitmq", self._restart_broker)
+                continue
+            action = rng.choices([a for a, _ in ACTIONS], weights=[w for _, w in ACTIONS])[0]
+            target, act = self._plan(action, rng)
+            self._do(action, target, act)
+
+    def _plan(self, action: str, rng: random.Random) -> tuple[str, Callable[[], object]]:
+        """The target of one disruption and what doing it means (drawn from the run's seed)."""
+        if action == "kill":
+            name = rng.choices([n for n, _ in KILL_TARGETS], [w for _, w in KILL_TARGETS])[0]
+            return name, partial(self._kill_restart, name, rng.uniform(0, 2.0))
+        if action == "kill_child":
+            name = rng.choice(WORKERS)
+            return name, partial(self._kill_child, name, rng)
+        if action == "close_connections":
+            return self.box.name, partial(close_vhost_connections, self.box.name)
+        if action == "terminate_backends":
+            return self.box.name, partial(terminate_backends, self.box.database_url)
+        if action == "failpoint":
+            point = rng.choice(failpoints.NAMES)
+            return point, (self.failpoints_dir / point).touch
+        return SCARCE[0], partial(catalog.restock, SCARCE[0], rng.randint(2, 6))
+
+    def _do(self, action: str, target: str, act: Callable[[], object]) -> None:
+        at = round(time.monotonic() - self._started, 1)
+        try:
+            result = act()
+        except Exception as exc:  # one failed disruption must not end the run
+            self.errors.append(f"{action} {target}: {type(exc).__name__}: {exc}"[:300])
+            self.say(f"chaos: {action} {target} failed: {exc}")
+            return
+        self.counts[f"{action}:{target}"] += 1
+        self.events.append({"at_s": at, "action": action, "target": target,
+                            "result": result if isinstance(result, int | str) else None})
+        self.last_at = time.monotonic()
+        self.say(f"chaos t={at:.0f}s: {action} {target}"
+                 + (f" -> {result}" if isinstance(result, int | str) else ""))
+
+    def _kill_restart(self, name: str, downtime: float) -> str:
+        self.procs.kill(name, signal.SIGKILL)
+        time.sleep(downtime)
+        self.procs.start(name)
+        return f"down {downtime:.1f}s"
+
+    def _kill_child(self, name: str, rng: random.Random) -> str:
+        children = self.procs.worker_children(name)
+        if not children:
+            return "no pool process"
+        pid = rng.choice(children)
+        signal_pid(pid)
+        return f"pid {pid}"
+
+    def _restart_broker(self) -> str:
+        rabbitmqctl("stop_app", timeout_s=120)
+        time.sleep(2.0)
+        rabbitmqctl("start_app", timeout_s=120)
+        rabbitmqctl("await_startup", timeout_s=120)
+        return "stopped and started"
+
+    def supervise(self, final: bool = False) -> None:
+        """Restart a process that died without being killed by the schedule: after a fail point
+        that fired in it (planned), or a crash (``unexpected_exit``, which breaks the run)."""
+        self._count_unplanned()
+        for name in list(self.procs.running):
+            if self.procs.alive(name):
+                continue
+            self.say(f"chaos: {name} had exited ({self.procs.running[name].proc.returncode}); "
+                     "restarting")
+            for _ in range(5 if final else 1):
+                try:
+                    self.procs.start(name)
+                    break
+                except (RuntimeError, TimeoutError) as exc:
+                    self.errors.append(f"restart {name}: {exc}"[:300])
+        if final:
+            self._count_unplanned()  # a restart that died at once
+
+    def _count_unplanned(self) -> None:
+        for death in self.procs.take_unplanned_exits():
+            self.counts[f"unexpected_exit:{death.name}"] += 1
+            self.unexpected.append(str(death)[:3000])
+
+    def summary(self) -> dict[str, Any]:
+        per_action: dict[str, dict[str, int]] = {}
+        for key, n in self.counts.items():
+            action, target = key.split(":", 1)
+            per_action.setdefault(action, {})[target] = n
+        return {"by_action": per_action, "total": sum(
+            n for k, n in self.counts.items() if not k.startswith(("unexpected_", "failpoint_"))),
+            "errors": self.errors, "events": self.events, "unexpected_exits": self.unexpected}
+
+
+def signal_pid(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
