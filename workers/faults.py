@@ -14,6 +14,7 @@ import sys
 import time
 
 from orchestrator.messaging.envelopes import FAULT, Command, fault_fired_line
+from orchestrator.ops.config import settings
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class InjectedRefusal(Exception):
 
 
 def _enabled(fault: str | None) -> bool:
-    return bool(fault) and os.environ.get("SAGA_FAULT_INJECTION") == "1"
+    return bool(fault) and settings().fault_injection
 
 
 def _fired(fault: str, command: Command, attempt: int) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -53,7 +53,15 @@ Handler = Callable[[Session, Command, Any], Result]
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, faults.TransientError | BrokerError | ConnectionError | TimeoutError):
+    # A task past its soft time limit (a hung call) is tried again like any other passing failure.
+    transient = (
+        faults.TransientError,
+        BrokerError,
+        ConnectionError,
+        TimeoutError,
+        SoftTimeLimitExceeded,
+    )
+    if isinstance(exc, transient):
         return True
     return isinstance(exc, DBAPIError) and is_retryable(exc)
 

@@ -9,6 +9,8 @@ import os
 import signal
 from pathlib import Path
 
+from orchestrator.ops.config import settings
+
 FIRED = "fired"  # the record of every fail point that fired: "<name> <pid>" a line
 
 NAMES = (
@@ -20,17 +22,15 @@ NAMES = (
 
 
 def hit(name: str) -> None:
-    if os.environ.get("SAGA_FAULT_INJECTION") != "1":
+    cfg = settings()
+    if not cfg.fault_injection or cfg.failpoints_dir is None:
         return
-    folder = os.environ.get("SAGA_FAILPOINTS_DIR")
-    if not folder:
-        return
-    marker = Path(folder) / name
+    marker = cfg.failpoints_dir / name
     try:
         marker.unlink()
     except FileNotFoundError:
         return
-    with open(Path(folder) / FIRED, "a", encoding="utf-8") as record:  # one short append
+    with open(cfg.failpoints_dir / FIRED, "a", encoding="utf-8") as record:  # one short append
         record.write(f"{name} {os.getpid()}\n")
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -25,7 +25,7 @@ import requests
 import sqlalchemy as sa
 
 from orchestrator.ops import failpoints
-from orchestrator.ops.config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL
+from orchestrator.ops.config import settings
 from orchestrator.ops.processes import PROCESS_TABLE, sagactl
 
 # Short retries and deadlines for a system under test (tests, chaos): the contract's variables.
@@ -80,9 +80,9 @@ class Sandbox:
         """A fresh vhost and database, migrated and seeded; ``prepare=False``: an empty vhost and
         no database at all (what ``sagactl db upgrade`` finds on a new machine)."""
         name = f"{prefix}_{secrets.token_hex(4)}"
-        base_db = sa.make_url(os.environ.get("SAGA_SANDBOX_DATABASE_URL", DEFAULT_DATABASE_URL))
+        base_db = sa.make_url(settings().sandbox_database_url)
         database_url = base_db.set(database=name).render_as_string(hide_password=False)
-        base_broker = os.environ.get("SAGA_SANDBOX_BROKER_URL", DEFAULT_BROKER_URL)
+        base_broker = settings().sandbox_broker_url
         authority = base_broker.split("://", 1)[1].split("/", 1)[0]
         broker_url = f"{base_broker.split('://', 1)[0]}://{authority}/{name}"
         _rabbitmqctl("add_vhost", name)

@@ -38,7 +38,7 @@ STEP_TIMEOUT_S = float(TEST_TIMINGS["SAGA_STEP_TIMEOUT_S"])
 @pytest.fixture
 def admin(system: Processes) -> requests.Session:
     session = requests.Session()
-    session.auth = (settings().admin_user, settings().admin_password)
+    session.auth = (settings().admin_user, settings().admin_password.get_secret_value())
     session.headers["Accept"] = "application/json"
     return session
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from models.db import get_engine, transaction
 from orchestrator.ops.processes import sagactl
 from orchestrator.proof.client import Api
-from orchestrator.proof.harness import Processes
+from orchestrator.proof.harness import Processes, free_port
 from tests.integration.helpers import (
     add_dead_letter,
     make_product,
@@ -155,3 +155,16 @@ def test_audit_reports_a_breach_by_order_and_exits_1(system: Processes) -> None:
                     " CHECK (available + reserved + sold = stock_total)"
                 )
             )
+
+
+def test_an_unreachable_broker_is_exit_3_in_one_line(system: Processes) -> None:
+    port = free_port()  # nothing listens there
+    env = system.box.env(BROKER_URL=f"amqp://guest:hunter2@127.0.0.1:{port}//")
+    result = subprocess.run(
+        sagactl("dlq", "replay", "1"), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: cannot reach the broker at amqp://guest:")
+    assert f"@127.0.0.1:{port}//" in lines[0] and "hunter2" not in lines[0]
