@@ -8,31 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from models.enums import OrderStatus
+from orchestrator.registry import TimelineEvent
+
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
 
 SAGA_STATES = ["running", "compensating", "completed", "compensated", "failed"]
 REASONS = ["out_of_stock", "payment_declined", "retries_exhausted", "timeout", "operator"]
-EVENTS = [
-    "saga.started",
-    "step.dispatched",
-    "step.succeeded",
-    "step.failed",
-    "step.retried",
-    "step.timed_out",
-    "step.dead_lettered",
-    "compensation.dispatched",
-    "compensation.succeeded",
-    "compensation.failed",
-    "compensation.parked",
-    "saga.completed",
-    "saga.compensated",
-    "saga.failed",
-    "operator.retry",
-    "operator.compensate",
-    "dead_letter.replayed",
-    "dead_letter.discarded",
-]
+EVENTS = [e.value for e in TimelineEvent]
+ORDER_STATUSES = [s.value for s in OrderStatus]
 
 
 def ref(name: str) -> dict[str, str]:
@@ -67,6 +52,8 @@ SAGA_FIELDS: dict[str, Any] = {
     "saga_id": UUID,
     "state": {"enum": SAGA_STATES},
     "stuck": {"type": "boolean"},
+    "definition": STRING,
+    "definition_version": {"type": "integer", "minimum": 1},
     "steps": {"type": "array", "items": ref("Step")},
     "timeline": {"type": "array", "items": ref("Event"), "description": "oldest first"},
 }
@@ -157,7 +144,7 @@ SCHEMAS: dict[str, Any] = {
         {
             "order_id": UUID,
             "customer_id": STRING,
-            "status": {"enum": ["pending", "confirmed", "cancelled", "failed"]},
+            "status": {"enum": ORDER_STATUSES},
             "reason": nullable({"enum": REASONS}),
             "total_cents": INT,
             "card_last4": {"type": "string", "maxLength": 4},
@@ -167,6 +154,7 @@ SCHEMAS: dict[str, Any] = {
                 "items": obj({"sku": STRING, "quantity": INT, "price_cents": INT}),
             },
             "saga": ref("Saga"),
+            "returns": {"type": "array", "items": ref("Saga"), "description": "oldest first"},
         }
     ),
     "Product": obj(
@@ -182,7 +170,9 @@ SCHEMAS: dict[str, Any] = {
     "SagaSummary": obj(
         {
             "saga_id": UUID,
-            "order_id": UUID,
+            "order_id": {**STRING, "description": "the saga's business key (the order id)"},
+            "definition": STRING,
+            "definition_version": {"type": "integer", "minimum": 1},
             "state": {"enum": SAGA_STATES},
             "stuck": {"type": "boolean"},
             "current_step": STRING,
@@ -201,9 +191,9 @@ SCHEMAS: dict[str, Any] = {
     "SagaDetail": obj(
         {
             **SAGA_FIELDS,
-            "order_id": UUID,
-            "order_status": {"enum": ["pending", "confirmed", "cancelled", "failed"]},
-            "customer_id": STRING,
+            "order_id": STRING,
+            "order_status": nullable({"enum": ORDER_STATUSES}),
+            "customer_id": nullable(STRING),
             "reason": nullable({"enum": REASONS}),
             "created_at": TIME,
             "updated_at": TIME,

@@ -22,7 +22,6 @@ from wtforms import ValidationError as CsrfInvalid
 
 from models.db import transaction
 from orchestrator import queries
-from orchestrator.kernel import engine
 from orchestrator.ops.logs import log_context
 from orchestrator.sagas import placing as ordering
 from web.errors import ApiError, wants_json
@@ -99,7 +98,7 @@ def _idempotency_key() -> str | None:
 
 
 def _place(order: OrderIn, raw: Any, key: str | None) -> ordering.Placement:
-    new = engine.NewOrder(
+    new = ordering.NewOrder(
         customer_id=order.customer_id,
         items=[(item.sku, item.quantity) for item in order.items],
         card_token=order.payment.card_token,
@@ -116,7 +115,7 @@ def _place(order: OrderIn, raw: Any, key: str | None) -> ordering.Placement:
     except ordering.IdempotencyInFlight as exc:
         raise ApiError(409, "idempotency_in_flight",
                        "a request with this Idempotency-Key is still being processed") from exc
-    except engine.UnknownSku as exc:  # the catalogue changed between validation and insert
+    except ordering.UnknownSku as exc:  # the catalogue changed between validation and insert
         raise ApiError(422, "validation_failed", "unknown product",
                        [{"field": "items", "message": f"unknown product {exc}"}]) from exc
 

@@ -6,6 +6,8 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
+from orchestrator.registry import TimelineEvent as E
+
 REASON_TEXT = {
     "out_of_stock": "Cancelled: not enough stock for one of the lines; nothing was charged.",
     "payment_declined": "Cancelled: the card was declined; the reserved stock was released.",
@@ -50,15 +52,16 @@ def duration(step: dict[str, Any]) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-_STARTS = {"step.dispatched", "compensation.dispatched", "step.retried"}
+_DISPATCHED = {E.STEP_DISPATCHED, E.COMPENSATION_DISPATCHED}
+_STARTS = {*_DISPATCHED, E.STEP_RETRIED}
 _ENDS = {
-    "step.succeeded": "ok",
-    "compensation.succeeded": "ok",
-    "step.failed": "failed",
-    "compensation.failed": "failed",
-    "step.timed_out": "timeout",
-    "step.dead_lettered": "dead",
-    "compensation.parked": "dead",
+    E.STEP_SUCCEEDED: "ok",
+    E.COMPENSATION_SUCCEEDED: "ok",
+    E.STEP_FAILED: "failed",
+    E.COMPENSATION_FAILED: "failed",
+    E.STEP_TIMED_OUT: "timeout",
+    E.STEP_DEAD_LETTERED: "dead",
+    E.COMPENSATION_PARKED: "dead",
 }
 OUTCOME_TEXT = {
     "ok": "succeeded",
@@ -86,7 +89,7 @@ def attempt_bars(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
         lane, attempt = e.get("step"), e.get("attempt")
         if not lane or not attempt:
             continue
-        if e["event"] in ("step.dispatched", "compensation.dispatched"):
+        if e["event"] in _DISPATCHED:
             kinds.setdefault(lane, e["event"].split(".")[0])
         at, bar = _at(e["at"]), in_flight.get(lane)
         if e["event"] in _STARTS:
@@ -191,7 +194,7 @@ def attempt_chart(timeline: list[dict[str, Any]], now: str | None = None) -> Any
                 f'text-anchor="middle">{which}</text>'
             )
     for e in timeline:
-        if e["event"].startswith("operator."):
+        if e["event"] in (E.OPERATOR_RETRY, E.OPERATOR_COMPENSATE, E.OPERATOR_BULK):
             x = x_of(_at(e["at"]))
             what = f"{e['event']} by {e.get('actor') or '?'}" + (
                 f": {e['detail']}" if e.get("detail") else ""

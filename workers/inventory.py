@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from models.enums import Reason, ReservationStatus
 from models.participants import Reservation
 from orchestrator.messaging.celery_app import app
-from orchestrator.messaging.envelopes import Command, CommandPayload, ReservePayload
+from orchestrator.messaging.envelopes import Command, OrderPayload, ReservePayload
 from workers import records, stock
 from workers.participant import Result, participant
 
@@ -46,7 +46,7 @@ def reserve(session: Session, command: Command, payload: ReservePayload) -> Resu
 
 
 @participant("inventory.release")
-def release(session: Session, command: Command, payload: CommandPayload) -> Result:
+def release(session: Session, command: Command, payload: OrderPayload) -> Result:
     """release_if_reserved: gives back reserved (or sold) stock; fences a reserve not yet seen."""
     if records.claim(session, Reservation, command, status=ReservationStatus.VOIDED, lines=[]):
         return Result(True, applied_now=True)

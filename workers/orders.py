@@ -10,14 +10,14 @@ from models.enums import OrderStatus, ReservationStatus
 from models.orders import Order
 from models.participants import Reservation
 from orchestrator.messaging.celery_app import app
-from orchestrator.messaging.envelopes import CancelPayload, Command, CommandPayload
+from orchestrator.messaging.envelopes import CancelPayload, Command, OrderPayload
 from workers import stock
 from workers.participant import Result, participant
 
 __all__ = ["app", "cancel", "confirm"]
 
 
-def _order(session: Session, payload: CommandPayload) -> Order:
+def _order(session: Session, payload: OrderPayload) -> Order:
     order = session.get(Order, payload.order_id, with_for_update=True, populate_existing=True)
     if order is None:
         raise LookupError(f"order {payload.order_id} does not exist")
@@ -25,7 +25,7 @@ def _order(session: Session, payload: CommandPayload) -> Order:
 
 
 @participant("orders.confirm")
-def confirm(session: Session, command: Command, payload: CommandPayload) -> Result:
+def confirm(session: Session, command: Command, payload: OrderPayload) -> Result:
     order = _order(session, payload)
     if order.status is OrderStatus.CONFIRMED:
         return Result(True)

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from models.enums import ChargeStatus, Reason
 from models.participants import Charge
 from orchestrator.messaging.celery_app import app
-from orchestrator.messaging.envelopes import ChargePayload, Command, CommandPayload
+from orchestrator.messaging.envelopes import ChargePayload, Command, OrderPayload
 from workers import records
 from workers.participant import Result, participant
 
@@ -43,7 +43,7 @@ def charge(session: Session, command: Command, payload: ChargePayload) -> Result
 
 
 @participant("payment.refund")
-def refund(session: Session, command: Command, payload: CommandPayload) -> Result:
+def refund(session: Session, command: Command, payload: OrderPayload) -> Result:
     """refund_if_charged: refunds a charge; fences a charge that has not arrived yet."""
     if records.claim(
         session, Charge, command, status=ChargeStatus.VOIDED, amount_cents=0, card_last4=""

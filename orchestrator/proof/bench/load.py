@@ -134,11 +134,10 @@ def _order_body(i: int, skus: list[str]) -> dict[str, Any]:
 
 def saga_placer(mode: str, url: str, skus: list[str]) -> Callable[[int], str]:
     if mode == "direct":
-        from orchestrator.kernel import engine
         from orchestrator.sagas import placing as ordering
 
         def place_direct(i: int) -> str:
-            new = engine.NewOrder(customer_id=f"bench-{i}", items=[(skus[i % len(skus)], 1)],
+            new = ordering.NewOrder(customer_id=f"bench-{i}", items=[(skus[i % len(skus)], 1)],
                                   card_token="tok_visa")
             return str(ordering.place_order(new).saga_id)
 

@@ -19,6 +19,7 @@ from orchestrator.kernel.machine import NotApplicable
 from orchestrator.ops import audit
 from orchestrator.proof.chaos.faults import rabbitmqctl
 from orchestrator.proof.chaos.load import Ledger
+from orchestrator.registry import TimelineEvent as E
 
 NOT_FINAL = "state IN ('running', 'compensating')"
 
@@ -132,15 +133,15 @@ def saga_figures() -> dict[str, Any]:
     outcomes = {f"{status}/{reason}" if reason else status: n for status, reason, n in _rows(
         "SELECT status, reason, count(*) FROM orders GROUP BY status, reason ORDER BY 1, 2")}
     return {
-        "retries": events.get("step.retried", 0),
-        "timeouts": events.get("step.timed_out", 0),
-        "dead_lettered": events.get("step.dead_lettered", 0),
-        "compensations": events.get("compensation.succeeded", 0),
+        "retries": events.get(E.STEP_RETRIED, 0),
+        "timeouts": events.get(E.STEP_TIMED_OUT, 0),
+        "dead_lettered": events.get(E.STEP_DEAD_LETTERED, 0),
+        "compensations": events.get(E.COMPENSATION_SUCCEEDED, 0),
         "sagas_compensated": _scalar("SELECT count(*) FROM sagas WHERE state = 'compensated'"),
-        "parked": events.get("compensation.parked", 0),
+        "parked": events.get(E.COMPENSATION_PARKED, 0),
         "sagas_parked": _scalar("SELECT count(DISTINCT saga_id) FROM saga_events "
                                 "WHERE event = 'compensation.parked'"),
-        "operator_retries": events.get("operator.retry", 0),
+        "operator_retries": events.get(E.OPERATOR_RETRY, 0),
         "order_outcomes": outcomes,
         "dead_letters": {why: n for why, n in _rows(
             "SELECT split_part(reason, ':', 1), count(*) FROM dead_letters GROUP BY 1")},
@@ -157,7 +158,7 @@ def check_all(ledger: Ledger, vhost: str, queues_wait_s: float = 30) -> list[Che
 
 
 def _all_final() -> Check:
-    rows = _rows(f"SELECT order_id::text, state FROM sagas WHERE {NOT_FINAL}")
+    rows = _rows(f"SELECT business_key, state FROM sagas WHERE {NOT_FINAL}")
     return Check("every saga final", not rows, {"not_final": len(rows)} if rows else None,
                  tuple(r[0] for r in rows))
 
@@ -189,11 +190,11 @@ def _orders_present(ledger: Ledger) -> list[Check]:
 
 EFFECT_QUERIES = {
     # Twice the same transition in one saga would mean an effect observed twice.
-    "a step or compensation succeeded twice": """
-        SELECT s.order_id::text, e.event || ' ' || e.step || ' x' || count(*)
+    "a step or compensation succeeded twice": f"""
+        SELECT s.business_key, e.event || ' ' || e.step || ' x' || count(*)
         FROM saga_events e JOIN sagas s ON s.id = e.saga_id
-        WHERE e.event IN ('step.succeeded', 'compensation.succeeded')
-        GROUP BY s.order_id, e.event, e.step HAVING count(*) > 1""",
+        WHERE e.event IN ('{E.STEP_SUCCEEDED}', '{E.COMPENSATION_SUCCEEDED}')
+        GROUP BY s.business_key, e.event, e.step HAVING count(*) > 1""",
     "a charge or refund of another amount than the order total": """
         SELECT o.id::text,
                'charge ' || c.status || ' of ' || c.amount_cents || ' for ' || o.total_cents
@@ -239,7 +240,7 @@ def _effects_once() -> list[Check]:
 
 def _dead_letters() -> Check:
     rows = _rows("""
-        SELECT d.id, d.state, s.state, s.order_id::text, d.step
+        SELECT d.id, d.state, s.state, s.business_key, d.step
         FROM dead_letters d LEFT JOIN sagas s ON s.id = d.saga_id""")
     orphans = [r[0] for r in rows if r[2] is None and r[1] == "dead"]
     bad = [r for r in rows if r[1] == "dead" and r[2] is not None
@@ -266,7 +267,7 @@ def write_timelines(path: Path, order_ids: list[str], limit: int = 30) -> int:
             for row in _rows("""
                 SELECT e.at, e.event, e.step, e.attempt, e.detail, s.id, s.state
                 FROM saga_events e JOIN sagas s ON s.id = e.saga_id
-                WHERE s.order_id = CAST(:o AS uuid) ORDER BY e.id""", o=order_id):
+                WHERE s.business_key = :o ORDER BY e.id""", o=order_id):
                 f.write(f"{row[0].isoformat()} {row[1]:<24} {row[2] or '-':<18} "
                         f"#{row[3] or '-'} {row[4] or ''}  [saga {row[5]} {row[6]}]\n")
     return len(ids)
