@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from orchestrator import registry
 from orchestrator.messaging.envelopes import FAULT
 from orchestrator.sagas.order import ORDER_SAGA
 
@@ -101,7 +102,7 @@ def parse_order(
             problems.append({"field": "faults", "message": "fault injection is off"})
         else:
             for name, fault in (order.faults or {}).items():
-                if name not in ORDER_SAGA.commands:
+                if name not in registry.current().latest(ORDER_SAGA.name).definition.commands:
                     problems.append({"field": f"faults.{name}",
                                      "message": "not a step or compensation"})
                 elif not FAULT.fullmatch(fault):  # not .match: "$" passes "crash\n"

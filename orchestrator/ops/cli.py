@@ -280,7 +280,8 @@ def definitions(as_json: bool, lock: bool) -> None:
         return
     for r in rows:
         click.echo(
-            f"{r['name']:<16} v{r['version']:<3} {r['fingerprint'][:16]}  {r['lock']:<9} "
+            f"{r['name']:<16} v{r['version']:<3} {(r['fingerprint'] or '-')[:16]:<16}  "
+            f"{r['lock']:<9} "
             f"{r['steps']} steps, {r['in_flight']} in flight"
         )
     if any(r["lock"] != "locked" for r in rows):

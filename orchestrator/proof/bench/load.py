@@ -18,8 +18,9 @@ import requests
 
 from orchestrator.proof.bench.measure import Db, hops, latency_ms
 from orchestrator.proof.bench.options import Options, Say
+from orchestrator.registry import TimelineEvent as E
 
-FINAL_EVENTS = ["saga.completed", "saga.compensated", "saga.failed"]
+FINAL_EVENTS = [E.SAGA_COMPLETED.value, E.SAGA_COMPENSATED.value, E.SAGA_FAILED.value]
 PRODUCTS = 8  # orders spread over several rows, so stock row locks are not the bottleneck
 
 

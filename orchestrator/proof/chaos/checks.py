@@ -140,7 +140,7 @@ def saga_figures() -> dict[str, Any]:
         "sagas_compensated": _scalar("SELECT count(*) FROM sagas WHERE state = 'compensated'"),
         "parked": events.get(E.COMPENSATION_PARKED, 0),
         "sagas_parked": _scalar("SELECT count(DISTINCT saga_id) FROM saga_events "
-                                "WHERE event = 'compensation.parked'"),
+                                f"WHERE event = '{E.COMPENSATION_PARKED}'"),
         "operator_retries": events.get(E.OPERATOR_RETRY, 0),
         "order_outcomes": outcomes,
         "dead_letters": {why: n for why, n in _rows(
