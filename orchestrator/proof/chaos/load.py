@@ -17,18 +17,36 @@ import requests
 
 from models.catalog import Product
 from models.db import transaction
+from orchestrator import registry
+from orchestrator.kernel.machine import Step
 from orchestrator.proof.client import Api
+from orchestrator.sagas.order import ORDER_SAGA
 
 BIG = (("SKU-CHAOS-APPLE", 250), ("SKU-CHAOS-BREAD", 120))
 SCARCE = ("SKU-CHAOS-SCARCE", 900)
 SCARCE_STOCK = 6
-STEPS = ("inventory.reserve", "payment.charge", "orders.confirm")
-# A compensation runs only when the saga turns back past it: the step refusal that gets it there.
-COMPENSATION_TRIGGERS = {
-    "inventory.release": ("payment.charge", "fail"),
-    "payment.refund": ("orders.confirm", "fail"),
-    "orders.cancel": ("inventory.reserve", "fail"),
-}
+
+
+def _order_steps() -> tuple[Step, ...]:
+    return registry.current().latest(ORDER_SAGA.name).definition.steps
+
+
+def fault_steps() -> tuple[str, ...]:
+    """The order saga's actions (from the registry): where a step fault goes."""
+    return tuple(s.action for s in _order_steps() if s.action)
+
+
+def compensation_triggers() -> dict[str, tuple[str, str]]:
+    """A compensation runs only when the saga turns back past it: the refusal of the next step
+    that gets it there, for each compensation of the order saga."""
+    steps = _order_steps()
+    triggers = {}
+    for i, step in enumerate(steps):
+        following = next((s.action for s in steps[i + 1:] if s.action), None)
+        if step.compensation and following:
+            triggers[step.compensation] = (following, "fail")
+    return triggers
+
 # (fault, weight). transient:4 outlives a 3-attempt budget: it ends like "always".
 FAULTS = (("transient:1", 3), ("transient:2", 3), ("transient:4", 1), ("always", 2), ("fail", 2),
           ("crash", 3), ("hang:2", 1), ("hang:6", 1))
@@ -68,11 +86,12 @@ def plan(rng: random.Random, customer_id: str) -> tuple[str, dict[str, Any]]:
     elif scenario == "declined":
         token = "tok_chargeDeclined"
     elif scenario == "step_fault":
-        faults[rng.choice(STEPS)] = _pick(rng, FAULTS)
+        faults[rng.choice(fault_steps())] = _pick(rng, FAULTS)
     elif scenario == "compensation_fault":
-        compensation = rng.choice(tuple(COMPENSATION_TRIGGERS))
+        triggers = compensation_triggers()
+        compensation = rng.choice(sorted(triggers))
         faults[compensation] = _pick(rng, FAULTS)
-        step, fault = COMPENSATION_TRIGGERS[compensation]
+        step, fault = triggers[compensation]
         faults[step] = fault
     body: dict[str, Any] = {"customer_id": customer_id, "items": lines,
                             "payment": {"card_token": token}}
