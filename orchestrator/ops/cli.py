@@ -85,6 +85,7 @@ def web(port: int | None, dev: bool) -> None:
     """The Flask app under gunicorn."""
     port = port or settings().port
     os.environ.setdefault("SAGA_PROCESS", "web")
+    _load_registry()
     if dev:
         from web import create_app
 
@@ -164,6 +165,7 @@ def relay() -> None:
     from orchestrator.ops.logs import setup_logging
 
     os.environ.setdefault("SAGA_PROCESS", "relay")
+    _load_registry()
     setup_logging("relay")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -177,6 +179,7 @@ def beat() -> None:
     from orchestrator.ops.config import state_dir
 
     os.environ.setdefault("SAGA_PROCESS", "beat")
+    _load_registry()
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True)
     schedule = os.environ.get("SAGA_BEAT_SCHEDULE") or str(folder / f"beat-schedule-{os.getpid()}")
@@ -204,6 +207,7 @@ def run(port: int | None) -> None:
     from orchestrator.ops.processes import Supervisor, process_table
 
     cfg = settings()
+    _load_registry()
     port = port or cfg.port
     env = {**os.environ, "PORT": str(port)}
 

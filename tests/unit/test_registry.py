@@ -89,3 +89,21 @@ def test_definitions_keep_their_kinds_in_order() -> None:
         SagaDefinition("bad", (Step("a.x", "a.x", kind=StepKind.RETRIABLE),))
     with pytest.raises(ValueError, match="no compensation"):
         Step("a.x", "a.x", "a.undo", kind=StepKind.PIVOT)
+
+
+def test_a_worker_without_a_handler_for_one_of_its_commands_is_found_out() -> None:
+    import orchestrator.kernel.tasks  # noqa: F401  (the orchestrator's tasks)
+    import workers.inventory
+    import workers.orders
+    import workers.payment  # noqa: F401
+    from orchestrator.messaging.celery_app import app, missing_handlers
+
+    queues = ["inventory", "payment", "orders", registry.ORCHESTRATOR_QUEUE]
+    assert missing_handlers(app, queues) == []
+    reg = registry.current()
+    extra = SagaDefinition("spare", (Step("inventory.count", "inventory.count"),))
+    reg.add_saga(Registered(extra, build_payload, Path("unused.lock")), {}, object)  # type: ignore[arg-type]
+    try:
+        assert missing_handlers(app, ["inventory"]) == ["inventory.count"]
+    finally:
+        registry.reset()
