@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from models.sagas import Saga
 
-BUILTIN = ("orchestrator.sagas.order",)
+BUILTIN = ("orchestrator.sagas.order", "orchestrator.sagas.returns")
 EXTRA_MODULES_ENV = "SAGA_REGISTRY_MODULES"
 ORCHESTRATOR = "orchestrator"
 ORCHESTRATOR_QUEUE = "saga.orchestrator"

@@ -104,7 +104,7 @@ SCHEMAS: dict[str, Any] = {
         {
             "order_id": UUID,
             "saga_id": UUID,
-            "status": {"enum": ["pending", "confirmed", "cancelled", "failed"]},
+            "status": {"enum": ORDER_STATUSES},
         }
     ),
     "Compensation": obj(
@@ -156,6 +156,20 @@ SCHEMAS: dict[str, Any] = {
             "saga": ref("Saga"),
             "returns": {"type": "array", "items": ref("Saga"), "description": "oldest first"},
         }
+    ),
+    "ReturnIn": obj(
+        {},
+        {
+            "reason": {"type": "string", "minLength": 1, "maxLength": 200},
+            "faults": {
+                "type": "object",
+                "additionalProperties": STRING,
+                "description": "SAGA_FAULT_INJECTION=1 only: return step or compensation -> fault",
+            },
+        },
+    ),
+    "ReturnPlaced": obj(
+        {"order_id": UUID, "saga_id": UUID, "status": {"enum": ORDER_STATUSES}}
     ),
     "Product": obj(
         {
@@ -380,6 +394,38 @@ PATHS: dict[str, Any] = {
                     "content": {JSON: {"schema": ref("Order")}, "text/html": {"schema": STRING}},
                 },
                 **_errors(404),
+            },
+        }
+    },
+    "/orders/{order_id}/return": {
+        "post": {
+            "summary": "Return a confirmed order (starts its return saga)",
+            "tags": ["shop"],
+            "parameters": [
+                _path_param("order_id", STRING),
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                },
+            ],
+            "requestBody": {
+                "required": False,
+                "content": {
+                    JSON: {"schema": ref("ReturnIn")},
+                    FORM: {"schema": {"type": "object", "description": "reason, csrf_token"}},
+                },
+            },
+            "responses": {
+                "202": _json("ReturnPlaced", "accepted", {"Location": {"schema": STRING}}),
+                "200": _json(
+                    "ReturnPlaced",
+                    "the return an earlier request with this Idempotency-Key started",
+                    {"Location": {"schema": STRING}},
+                ),
+                "303": {"description": "a form post: to the order page"},
+                **_errors(400, 404, 409, 413, 415, 422, 503),
             },
         }
     },

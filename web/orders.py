@@ -24,8 +24,16 @@ from models.db import transaction
 from orchestrator import queries
 from orchestrator.ops.logs import log_context
 from orchestrator.sagas import placing as ordering
+from orchestrator.sagas import returning
 from web.errors import ApiError, wants_json
-from web.validation import IDEMPOTENCY_KEY, InvalidOrder, OrderIn, fingerprint, parse_order
+from web.validation import (
+    IDEMPOTENCY_KEY,
+    InvalidOrder,
+    OrderIn,
+    fingerprint,
+    parse_order,
+    parse_return,
+)
 
 bp = Blueprint("orders", __name__)
 
@@ -209,6 +217,58 @@ def show(order_id: str) -> Response | str:
     if wants_json():
         return jsonify(view)
     return render_template("orders/show.html", order=view)
+
+
+@bp.post("/orders/<order_id>/return")
+def return_order(order_id: str) -> Response | tuple[Response, int]:
+    """Start the order's return saga (the contract's POST /orders/<order_id>/return)."""
+    read_body()
+    try:
+        ident = uuid.UUID(order_id)
+    except ValueError as exc:
+        raise ApiError(404, "not_found", "no such order") from exc
+    mimetype = request.mimetype
+    if mimetype == "application/json":
+        raw = _json_body() if request.get_data(cache=True).strip() else {}
+        is_form = False
+    elif mimetype == "application/x-www-form-urlencoded":
+        check_csrf()
+        is_form = True
+        raw = {"reason": request.form["reason"]} if request.form.get("reason") else {}
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       "send application/json or an HTML form (application/x-www-form-urlencoded)")
+    key = _idempotency_key()
+    try:
+        wanted = parse_return(raw, fault_injection=current_app.config["FAULT_INJECTION"])
+    except InvalidOrder as exc:
+        raise ApiError(422, "validation_failed", "the return is not valid", exc.details) from exc
+    try:
+        started = returning.start_return(ident, wanted.reason, wanted.faults, key,
+                                         fingerprint(raw))
+    except returning.OrderNotFound as exc:
+        raise ApiError(404, "not_found", "no such order") from exc
+    except returning.NotReturnable as exc:
+        raise ApiError(409, "not_returnable", str(exc)) from exc
+    except returning.Backlogged as exc:
+        raise ApiError(503, "backlogged", "too many sagas in flight; try again shortly",
+                       headers={"Retry-After": "5"}) from exc
+    except returning.IdempotencyMismatch as exc:
+        raise ApiError(409, "idempotency_mismatch",
+                       "this Idempotency-Key was used with a different body") from exc
+    except returning.IdempotencyInFlight as exc:
+        raise ApiError(409, "idempotency_in_flight",
+                       "a request with this Idempotency-Key is still being processed") from exc
+    with log_context(saga_id=started.saga_id, order_id=started.order_id):
+        current_app.logger.info("return %s", "accepted" if started.created else "replayed")
+    location = url_for("orders.show", order_id=started.order_id)
+    if is_form:
+        return redirect(location, code=303)  # type: ignore[return-value]
+    response = jsonify({"order_id": str(started.order_id), "saga_id": str(started.saga_id),
+                        "status": started.status.value})
+    response.status_code = 202 if started.created else 200
+    response.headers["Location"] = location
+    return response
 
 
 @bp.get("/products")

@@ -16,13 +16,19 @@ REASON_TEXT = {
     "operator": "An operator aborted this order and rolled it back.",
 }
 CONFIRMED_TEXT = "Confirmed: stock reserved, card charged, order confirmed."
+# Statuses that say it all, whatever the reason field holds.
+STATUS_TEXT = {
+    "confirmed": CONFIRMED_TEXT,
+    "returning": "Being returned: refunding the card and taking the stock back.",
+    "returned": "Returned: the card was refunded and the stock is back on the shelf.",
+}
 PENDING_TEXT = "Working on it…"
 FAILED_PREFIX = "Failed and waiting for an operator. "
 
 
 def explain(order: dict[str, Any]) -> str:
-    if order["status"] == "confirmed":
-        return CONFIRMED_TEXT
+    if order["status"] in STATUS_TEXT:
+        return STATUS_TEXT[order["status"]]
     if not order.get("reason"):
         return PENDING_TEXT
     prefix = FAILED_PREFIX if order["status"] == "failed" else ""
@@ -34,6 +40,7 @@ def page_texts() -> dict[str, Any]:
     return {
         "reasons": REASON_TEXT,
         "confirmed": CONFIRMED_TEXT,
+        "statuses": STATUS_TEXT,
         "pending": PENDING_TEXT,
         "failed_prefix": FAILED_PREFIX,
     }

@@ -14,6 +14,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, Va
 from orchestrator import registry
 from orchestrator.messaging.envelopes import FAULT
 from orchestrator.sagas.order import ORDER_SAGA
+from orchestrator.sagas.returns import RETURN_SAGA
+
+RETURN_SAGA_NAME = RETURN_SAGA.name
 
 MAX_LINES = 50
 TOKEN = re.compile(r"tok_[A-Za-z0-9_]{1,64}")
@@ -52,6 +55,15 @@ class OrderIn(_Strict):
     customer_id: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
     items: Annotated[list[ItemIn], Field(min_length=1, max_length=MAX_LINES)]
     payment: PaymentIn
+    faults: dict[str, str] | None = None
+
+
+class ReturnIn(_Strict):
+    """POST /orders/<id>/return: an optional reason (the rule of customer_id, up to 200)."""
+
+    reason: Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_printable)] | None = (
+        None
+    )
     faults: dict[str, str] | None = None
 
 
@@ -98,18 +110,42 @@ def parse_order(
         if known_skus is not None and item.sku not in known_skus:
             problems.append({"field": f"items[{i}].sku", "message": "unknown product"})
     if "faults" in data:
-        if not fault_injection:
-            problems.append({"field": "faults", "message": "fault injection is off"})
-        else:
-            for name, fault in (order.faults or {}).items():
-                if name not in registry.current().latest(ORDER_SAGA.name).definition.commands:
-                    problems.append({"field": f"faults.{name}",
-                                     "message": "not a step or compensation"})
-                elif not FAULT.fullmatch(fault):  # not .match: "$" passes "crash\n"
-                    problems.append({"field": f"faults.{name}", "message": "unknown fault"})
+        problems += _fault_problems(order.faults, ORDER_SAGA.name, fault_injection)
     if problems:
         raise InvalidOrder(problems)
     return order
+
+
+def _fault_problems(
+    faults: dict[str, str] | None, definition: str, fault_injection: bool
+) -> list[dict[str, str]]:
+    """Faults name a step or compensation of the saga (its latest version), and a known fault."""
+    if not fault_injection:
+        return [{"field": "faults", "message": "fault injection is off"}]
+    commands = registry.current().latest(definition).definition.commands
+    problems = []
+    for name, fault in (faults or {}).items():
+        if name not in commands:
+            problems.append({"field": f"faults.{name}", "message": "not a step or compensation"})
+        elif not FAULT.fullmatch(fault):  # not .match: "$" passes "crash\n"
+            problems.append({"field": f"faults.{name}", "message": "unknown fault"})
+    return problems
+
+
+def parse_return(data: Any, *, fault_injection: bool) -> ReturnIn:
+    if not isinstance(data, dict):
+        raise InvalidOrder([{"field": "body", "message": "must be a JSON object"}])
+    try:
+        wanted = ReturnIn.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidOrder([
+            {"field": _field_name(err["loc"]), "message": err["msg"]} for err in exc.errors()
+        ]) from exc
+    if "faults" in data:
+        problems = _fault_problems(wanted.faults, RETURN_SAGA_NAME, fault_injection)
+        if problems:
+            raise InvalidOrder(problems)
+    return wanted
 
 
 def fingerprint(data: Any) -> str:

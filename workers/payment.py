@@ -1,4 +1,5 @@
-"""The payment service: charge the order total; refund it. Test cards: only ``tok_visa`` pays.
+"""The payment service: charge the order total; refund it (when the order saga turns back, or when
+the order is returned). Test cards: only ``tok_visa`` pays.
 
 Run: ``sagactl worker payment``. One charge row per saga (its primary key) records the outcome.
 """
@@ -13,7 +14,7 @@ from orchestrator.messaging.envelopes import ChargePayload, Command, OrderPayloa
 from workers import records
 from workers.participant import Result, participant
 
-__all__ = ["app", "charge", "refund"]
+__all__ = ["app", "charge", "refund", "return_refund"]
 
 APPROVED_TOKENS = frozenset({"tok_visa"})
 
@@ -52,6 +53,24 @@ def refund(session: Session, command: Command, payload: OrderPayload) -> Result:
     row = records.locked(session, Charge, command)
     if row.status is not ChargeStatus.CHARGED:
         return Result(True)
+    row.status = ChargeStatus.REFUNDED
+    row.refunded_at = sa.func.now()
+    return Result(True, applied_now=True)
+
+
+@participant("payment.return_refund")
+def return_refund(session: Session, command: Command, payload: OrderPayload) -> Result:
+    """Refund the charge the order saga made for this order (found by the order), once."""
+    row = session.scalars(
+        sa.select(Charge)
+        .where(Charge.order_id == payload.order_id,
+               Charge.status.in_([ChargeStatus.CHARGED, ChargeStatus.REFUNDED]))
+        .with_for_update()
+    ).first()
+    if row is None:
+        return Result(False, "no charge of this order to refund")
+    if row.status is ChargeStatus.REFUNDED:
+        return Result(True)  # a redelivery: refunded already
     row.status = ChargeStatus.REFUNDED
     row.refunded_at = sa.func.now()
     return Result(True, applied_now=True)

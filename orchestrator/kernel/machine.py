@@ -260,6 +260,8 @@ def advance(
                 raise NotApplicable(f"cannot compensate a {snap.state} saga")
             if past_pivot(definition, snap):
                 raise NotApplicable("the saga is past its pivot: it only goes forward")
+            if snap.current == definition.pivot:
+                raise NotApplicable("the pivot is in flight: its outcome is unknown")
             return _turn_back(definition, snap, snap.current, Reason.OPERATOR, partial=True)
     raise TypeError(f"unknown event {event!r}")
 

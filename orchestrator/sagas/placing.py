@@ -131,7 +131,7 @@ _backlog_checked = {"at": -1.0, "over": False}
 BACKLOG_CHECK_S = 0.2
 
 
-def _backlogged(session: Session) -> bool:
+def backlogged(session: Session) -> bool:
     """Is the outbox over its limit? Counted at most every BACKLOG_CHECK_S per process: the
     count is the most expensive query of an order, and backpressure need not be exact."""
     now = time.monotonic()
@@ -165,7 +165,7 @@ def place_order(new: NewOrder, key: str | None = None, fingerprint: str = "") ->
                 found = _existing(session, key, fingerprint)
                 if found:
                     return found
-            if _backlogged(session):
+            if backlogged(session):
                 raise Backlogged()
             started = start_order(session, new)
             if key is not None:

@@ -286,7 +286,10 @@ def test_an_operator_compensate_after_the_pivot_does_not_apply() -> None:
         advance(MIXED, snap, OperatorCompensate())
 
 
-def test_an_operator_compensate_before_the_pivot_succeeded_undoes_what_came_before() -> None:
-    snap, commands = advance(MIXED, mixed()[0], OperatorCompensate())
-    assert (snap.state, snap.reason) == (SagaState.COMPENSATING, Reason.OPERATOR)
-    assert commands == [Dispatch(BEGIN, "compensation")]
+
+
+def test_an_operator_compensate_while_the_pivot_is_in_flight_does_not_apply() -> None:
+    snap, commands = mixed()
+    assert commands == [Dispatch(PIVOT, "action")]
+    with pytest.raises(NotApplicable, match="in flight"):
+        advance(MIXED, snap, OperatorCompensate())
