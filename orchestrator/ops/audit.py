@@ -48,6 +48,11 @@ CHECKS: dict[int, str] = {
                || ') names a saga that is ' || coalesce(s.state, 'missing')
         FROM dead_letters d JOIN sagas s ON s.id = d.saga_id
         WHERE d.state = 'dead' AND s.state NOT IN ('compensated', 'failed')
+          AND NOT EXISTS (  -- superseded: an operator's retry after it, then its step succeeded
+              SELECT 1 FROM saga_events r JOIN saga_events ok
+                ON ok.saga_id = r.saga_id AND ok.id > r.id
+              WHERE r.saga_id = d.saga_id AND r.event = 'operator.retry' AND r.at > d.at
+                AND ok.event IN ('step.succeeded', 'compensation.succeeded') AND ok.step = d.step)
     """,
     6: """
         SELECT s.business_key, 'saga ' || s.state || ' at ' || st.name || ' past its deadline by '

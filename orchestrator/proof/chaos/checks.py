@@ -204,12 +204,13 @@ EFFECT_QUERIES = {
     "a charge held by an order that is not confirmed or failed": """
         SELECT o.id::text, 'order ' || o.status || ' holds a charge'
         FROM charges c JOIN orders o ON o.id = c.order_id
-        WHERE c.status = 'charged' AND o.status NOT IN ('confirmed', 'failed')""",
+        WHERE c.status = 'charged' AND o.status NOT IN ('confirmed', 'failed', 'returning')""",
     "stock held for an order that is not confirmed or failed": """
         SELECT o.id::text, 'order ' || o.status || ' with reservation ' || r.status
         FROM reservations r JOIN orders o ON o.id = r.order_id
-        WHERE (r.status = 'sold' AND o.status <> 'confirmed')
-           OR (r.status = 'reserved' AND o.status <> 'failed')""",
+        WHERE (r.status = 'sold' AND o.status NOT IN ('confirmed', 'returning'))
+           OR (r.status = 'reserved' AND o.status <> 'failed')
+           OR (r.status = 'returned' AND o.status NOT IN ('returning', 'returned'))""",
     "product buckets differ from the reservations": """
         SELECT NULL, p.sku || ': reserved ' || p.reserved || ' vs ' || coalesce(x.reserved, 0)
                || ', sold ' || p.sold || ' vs ' || coalesce(x.sold, 0)
@@ -219,11 +220,14 @@ EFFECT_QUERIES = {
                    sum((l->>'quantity')::int) FILTER (WHERE r.status = 'sold') AS sold
             FROM reservations r, jsonb_array_elements(r.lines) l GROUP BY 1) x ON x.sku = p.sku
         WHERE p.reserved <> coalesce(x.reserved, 0) OR p.sold <> coalesce(x.sold, 0)""",
-    "stock sold differs from the confirmed orders": """
+    "stock sold differs from the confirmed orders (and returns not yet taken back)": """
         SELECT NULL, p.sku || ': sold ' || p.sold || ' vs confirmed ' || coalesce(c.qty, 0)
         FROM products p LEFT JOIN (
             SELECT l.sku, sum(l.quantity) AS qty FROM order_lines l
-            JOIN orders o ON o.id = l.order_id WHERE o.status = 'confirmed' GROUP BY 1
+            JOIN orders o ON o.id = l.order_id
+            WHERE o.status = 'confirmed' OR (o.status = 'returning' AND EXISTS (
+                SELECT 1 FROM reservations r WHERE r.order_id = o.id AND r.status = 'sold'))
+            GROUP BY 1
         ) c ON c.sku = p.sku
         WHERE p.sold <> coalesce(c.qty, 0)""",
 }
