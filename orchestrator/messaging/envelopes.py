@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.enums import Reason
 from orchestrator import registry
+from orchestrator.ops.masking import TOKEN_PATTERN
 
 # The contract's injectable faults: transient:N, always, fail, crash, hang:S.
 FAULT = re.compile(
@@ -74,7 +75,7 @@ class ReservePayload(OrderPayload):
 
 class ChargePayload(OrderPayload):
     amount_cents: int = Field(gt=0)
-    card_token: str = Field(pattern=r"^tok_[A-Za-z0-9_]{1,64}$")
+    card_token: str = Field(pattern=f"^{TOKEN_PATTERN}$")
 
 
 class CancelPayload(OrderPayload):
