@@ -149,12 +149,22 @@ def saga_figures() -> dict[str, Any]:
 
 
 def check_all(ledger: Ledger, vhost: str, queues_wait_s: float = 30) -> list[Check]:
-    checks = [_all_final(), _audit(), *_orders_present(ledger), *_effects_once(),
-              _dead_letters(), _outbox_sent()]
+    checks = [_all_final(), _audit(), *_orders_present(ledger), _returns_present(ledger),
+              *_effects_once(), _dead_letters(), _outbox_sent()]
     busy = wait_queues_drained(vhost, queues_wait_s)
     checks.append(Check("queues drained", not busy,
                         {q: {"ready": r, "unacked": u} for q, (r, u) in busy.items()} or None))
     return checks
+
+
+def _returns_present(ledger: Ledger) -> Check:
+    """Every return the web accepted is a return saga of that order."""
+    in_db = {str(i): k for i, k in _rows("SELECT id, business_key FROM sagas "
+                                         "WHERE definition = 'return'")}
+    lost = sorted(s for s, order in ledger.returns.items() if in_db.get(s) != order)
+    return Check("no accepted return lost", not lost,
+                 {"accepted": len(ledger.returns), "lost": lost[:20]} if lost else None,
+                 tuple(ledger.returns[s] for s in lost))
 
 
 def _all_final() -> Check:
