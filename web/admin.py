@@ -116,8 +116,11 @@ def sagas() -> Response | str:
     q = (query.q or "").strip() or None
     definition = query.definition
     if definition is not None and definition not in registry.current().names:
-        raise ApiError(400, "invalid_definition",
-                       f"definition must be one of {', '.join(registry.current().names)}")
+        raise ApiError(
+            400,
+            "invalid_definition",
+            f"definition must be one of {', '.join(registry.current().names)}",
+        )
     cursor = None
     if query.cursor:
         try:

@@ -330,7 +330,9 @@ class OrderOut(_Out):
     created_at: Timestamp
     items: list[LineOut]
     saga: PublicSaga
-    returns: Annotated[list[PublicSaga], Field(description="the order's return sagas, oldest first")]
+    returns: Annotated[
+        list[PublicSaga], Field(description="the order's return sagas, oldest first")
+    ]
 
     @classmethod
     def of(cls, view: dict[str, Any]) -> OrderOut:

@@ -68,8 +68,10 @@ def return_stock(session: Session, command: Command, payload: OrderPayload) -> R
     """A returned order's sold stock becomes available again (not a restock: no total changes)."""
     row = session.scalars(
         sa.select(Reservation)
-        .where(Reservation.order_id == payload.order_id,
-               Reservation.status.in_([ReservationStatus.SOLD, ReservationStatus.RETURNED]))
+        .where(
+            Reservation.order_id == payload.order_id,
+            Reservation.status.in_([ReservationStatus.SOLD, ReservationStatus.RETURNED]),
+        )
         .with_for_update()
     ).first()
     if row is None:

@@ -63,8 +63,10 @@ def return_refund(session: Session, command: Command, payload: OrderPayload) -> 
     """Refund the charge the order saga made for this order (found by the order), once."""
     row = session.scalars(
         sa.select(Charge)
-        .where(Charge.order_id == payload.order_id,
-               Charge.status.in_([ChargeStatus.CHARGED, ChargeStatus.REFUNDED]))
+        .where(
+            Charge.order_id == payload.order_id,
+            Charge.status.in_([ChargeStatus.CHARGED, ChargeStatus.REFUNDED]),
+        )
         .with_for_update()
     ).first()
     if row is None:

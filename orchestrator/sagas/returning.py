@@ -30,8 +30,15 @@ from orchestrator.sagas.returns import RETURN_SAGA
 
 RETURN_SCOPE = "return"  # idempotency keys of POST /orders/<id>/return
 
-__all__ = ["Backlogged", "IdempotencyInFlight", "IdempotencyMismatch", "NotReturnable",
-           "OrderNotFound", "ReturnStarted", "start_return"]
+__all__ = [
+    "Backlogged",
+    "IdempotencyInFlight",
+    "IdempotencyMismatch",
+    "NotReturnable",
+    "OrderNotFound",
+    "ReturnStarted",
+    "start_return",
+]
 
 
 class OrderNotFound(LookupError):
@@ -100,13 +107,23 @@ def start_return(
                 raise Backlogged()
             _begin_return(session, order_id)
             context = {"order_id": str(order_id), "reason": reason, "faults": faults or {}}
-            saga_id = engine.start_saga(session, RETURN_SAGA.name, str(order_id), context,
-                                        detail=f"return of order {order_id}")
+            saga_id = engine.start_saga(
+                session,
+                RETURN_SAGA.name,
+                str(order_id),
+                context,
+                detail=f"return of order {order_id}",
+            )
             if key is not None:
                 claimed = session.scalar(
                     insert(IdempotencyKey)
-                    .values(scope=RETURN_SCOPE, key=key, fingerprint=fingerprint,
-                            order_id=order_id, saga_id=saga_id)
+                    .values(
+                        scope=RETURN_SCOPE,
+                        key=key,
+                        fingerprint=fingerprint,
+                        order_id=order_id,
+                        saga_id=saga_id,
+                    )
                     .on_conflict_do_nothing(index_elements=["scope", "key"])
                     .returning(IdempotencyKey.key)
                 )

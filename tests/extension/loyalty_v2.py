@@ -22,8 +22,7 @@ LOYALTY_V2 = SagaDefinition(
     "loyalty",
     (
         Step("points.award", "points.award", "points.revoke"),
-        Step("ledger.post", "ledger.post", kind=StepKind.PIVOT,
-             timeout_s=loyalty.LEDGER_TIMEOUT_S),
+        Step("ledger.post", "ledger.post", kind=StepKind.PIVOT, timeout_s=loyalty.LEDGER_TIMEOUT_S),
         Step("points.bonus", "points.bonus", kind=StepKind.RETRIABLE),
     ),
     version=2,

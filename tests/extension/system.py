@@ -60,8 +60,7 @@ def start(points: int, faults: dict[str, str] | None = None) -> uuid.UUID:
     member = f"m-{uuid.uuid4().hex[:10]}"
     with transaction() as session:
         return engine.start_saga(
-            session, "loyalty", member, {"member": member, "points": points,
-                                         "faults": faults or {}}
+            session, "loyalty", member, {"member": member, "points": points, "faults": faults or {}}
         )
 
 
@@ -72,8 +71,10 @@ def saga(saga_id: uuid.UUID) -> dict[str, Any]:
         return {
             "state": row.state.value,
             "version": row.definition_version,
-            "steps": [(s.name, s.status.value, s.comp_status.value if s.comp_status else None)
-                      for s in row.steps],
+            "steps": [
+                (s.name, s.status.value, s.comp_status.value if s.comp_status else None)
+                for s in row.steps
+            ],
         }
 
 
@@ -103,7 +104,8 @@ def wait_step(saga_id: uuid.UUID, step: str, status: str, timeout_s: float = 60)
 def award(saga_id: uuid.UUID) -> dict[str, Any] | None:
     with transaction() as session:
         row = session.execute(
-            sa.select(tables.Award.status, tables.Award.points, tables.Award.bonus)
-            .where(tables.Award.saga_id == saga_id)
+            sa.select(tables.Award.status, tables.Award.points, tables.Award.bonus).where(
+                tables.Award.saga_id == saga_id
+            )
         ).one_or_none()
         return None if row is None else {"status": row[0], "points": row[1], "bonus": row[2]}

@@ -32,8 +32,14 @@ def _claim(session: Session, model: type, **values: object) -> bool:
 
 @participant("points.award")
 def award(session: Session, command: Command, payload: AwardPayload) -> Result:
-    if _claim(session, Award, saga_id=command.saga_id, member=payload.member,
-              points=payload.points, status="awarded"):
+    if _claim(
+        session,
+        Award,
+        saga_id=command.saga_id,
+        member=payload.member,
+        points=payload.points,
+        status="awarded",
+    ):
         return Result(True, applied_now=True)
     row = session.get(Award, command.saga_id, with_for_update=True)
     assert row is not None
@@ -43,11 +49,13 @@ def award(session: Session, command: Command, payload: AwardPayload) -> Result:
 @participant("points.revoke")
 def revoke(session: Session, command: Command, payload: MemberPayload) -> Result:
     """revoke_if_awarded: takes the points back; fences an award not seen yet."""
-    if _claim(session, Award, saga_id=command.saga_id, member=payload.member, points=0,
-              status="voided"):
+    if _claim(
+        session, Award, saga_id=command.saga_id, member=payload.member, points=0, status="voided"
+    ):
         return Result(True, applied_now=True)
     session.execute(
-        sa.update(Award).where(Award.saga_id == command.saga_id, Award.status == "awarded")
+        sa.update(Award)
+        .where(Award.saga_id == command.saga_id, Award.status == "awarded")
         .values(status="revoked")
     )
     return Result(True, applied_now=True)
@@ -56,12 +64,12 @@ def revoke(session: Session, command: Command, payload: MemberPayload) -> Result
 @participant("ledger.post")
 def post(session: Session, command: Command, payload: PostPayload) -> Result:
     accepted = payload.cost_cents <= LEDGER_LIMIT_CENTS
-    _claim(session, Posting, saga_id=command.saga_id, cost_cents=payload.cost_cents,
-           accepted=accepted)
+    _claim(
+        session, Posting, saga_id=command.saga_id, cost_cents=payload.cost_cents, accepted=accepted
+    )
     row = session.get(Posting, command.saga_id)
     assert row is not None
-    return Result(row.accepted, None if row.accepted else "over the ledger limit",
-                  applied_now=True)
+    return Result(row.accepted, None if row.accepted else "over the ledger limit", applied_now=True)
 
 
 @participant("points.bonus")

@@ -38,8 +38,10 @@ def test_a_ledger_refusal_takes_the_points_back(loyalty: Processes) -> None:
     saga_id = system.start(points=too_much)
     done = system.wait_state(saga_id, {"completed", "compensated", "failed"})
     assert done["state"] == "compensated"
-    assert done["steps"] == [("points.award", "succeeded", "succeeded"),
-                             ("ledger.post", "failed", None)]
+    assert done["steps"] == [
+        ("points.award", "succeeded", "succeeded"),
+        ("ledger.post", "failed", None),
+    ]
     assert system.award(saga_id) == {"status": "revoked", "points": too_much, "bonus": 0}
 
 

@@ -40,22 +40,38 @@ def test_existing_sagas_keep_their_order_as_business_key_and_run_version_1(
     old_database: str,
 ) -> None:
     order_id, saga_id = uuid.uuid4(), uuid.uuid4()
-    _sql(old_database, "INSERT INTO orders (id, customer_id, status, total_cents, card_last4) "
-         "VALUES (%s, 'c-1', 'pending', 100, 'visa')", order_id)
-    _sql(old_database, "INSERT INTO sagas (id, order_id, definition, state, current_step, "
-         "context, deadline_at) VALUES (%s, %s, 'order', 'running', 1, '{}', now())",
-         saga_id, order_id)
-    _sql(old_database, "INSERT INTO idempotency_keys (key, fingerprint, order_id) "
-         "VALUES ('k-1', 'f', %s)", order_id)
+    _sql(
+        old_database,
+        "INSERT INTO orders (id, customer_id, status, total_cents, card_last4) "
+        "VALUES (%s, 'c-1', 'pending', 100, 'visa')",
+        order_id,
+    )
+    _sql(
+        old_database,
+        "INSERT INTO sagas (id, order_id, definition, state, current_step, "
+        "context, deadline_at) VALUES (%s, %s, 'order', 'running', 1, '{}', now())",
+        saga_id,
+        order_id,
+    )
+    _sql(
+        old_database,
+        "INSERT INTO idempotency_keys (key, fingerprint, order_id) VALUES ('k-1', 'f', %s)",
+        order_id,
+    )
 
     command.upgrade(database.alembic_config(old_database), "0003")
     assert _sql(old_database, "SELECT business_key, definition, definition_version FROM sagas") == [
-        (str(order_id), "order", 1)]
+        (str(order_id), "order", 1)
+    ]
     assert _sql(old_database, "SELECT scope, key FROM idempotency_keys") == [("orders", "k-1")]
     # An order may now have more sagas than one, and be returned.
-    _sql(old_database, "INSERT INTO sagas (id, business_key, definition, state, current_step, "
-         "context, deadline_at) VALUES (%s, %s, 'return', 'running', 0, '{}', now())",
-         uuid.uuid4(), str(order_id))
+    _sql(
+        old_database,
+        "INSERT INTO sagas (id, business_key, definition, state, current_step, "
+        "context, deadline_at) VALUES (%s, %s, 'return', 'running', 0, '{}', now())",
+        uuid.uuid4(),
+        str(order_id),
+    )
     _sql(old_database, "UPDATE orders SET status = 'returned' WHERE id = %s", order_id)
 
     _sql(old_database, "UPDATE orders SET status = 'confirmed' WHERE id = %s", order_id)

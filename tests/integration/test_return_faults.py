@@ -49,8 +49,9 @@ def expected(target: str, fault: str) -> Expected:
         return Expected("returning", "failed", False, False) if gives_up else ABORTED
     if not gives_up:
         return RETURNED
-    return Expected("returning", "failed", refunded=True,
-                    stock_back=target == "orders.complete_return")
+    return Expected(
+        "returning", "failed", refunded=True, stock_back=target == "orders.complete_return"
+    )
 
 
 def faults_for(target: str, fault: str) -> dict[str, str]:
@@ -59,8 +60,11 @@ def faults_for(target: str, fault: str) -> dict[str, str]:
 
 def charges(order_id: str) -> list[str]:
     with transaction() as session:
-        return list(session.scalars(sa.text("SELECT status FROM charges WHERE order_id = :o"),
-                                    {"o": order_id}))
+        return list(
+            session.scalars(
+                sa.text("SELECT status FROM charges WHERE order_id = :o"), {"o": order_id}
+            )
+        )
 
 
 def run_case(url: str, target: str, fault: str) -> tuple[str, dict[str, Any], str]:
@@ -73,13 +77,15 @@ def run_case(url: str, target: str, fault: str) -> tuple[str, dict[str, Any], st
     return sku, api.wait_returned(placed["order_id"], 120), placed["order_id"]
 
 
-@pytest.mark.parametrize("fault", [f"transient:{STEP_BUDGET - 1}", "always", "fail", "crash",
-                                   f"hang:{HANG_S:g}"])
+@pytest.mark.parametrize(
+    "fault", [f"transient:{STEP_BUDGET - 1}", "always", "fail", "crash", f"hang:{HANG_S:g}"]
+)
 def test_every_fault_at_every_return_step(fault: str, system: Processes) -> None:
     targets = TARGETS if fault != "crash" else TARGETS[:1]  # one crash at a time, see below
     with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-        cases = dict(zip(targets, pool.map(lambda t: run_case(system.url, t, fault), targets),
-                         strict=True))
+        cases = dict(
+            zip(targets, pool.map(lambda t: run_case(system.url, t, fault), targets), strict=True)
+        )
     if fault == "crash":  # a crash kills a pool process: the other targets one after the other
         for target in TARGETS[1:]:
             cases[target] = run_case(system.url, target, fault)

@@ -31,10 +31,10 @@ STOCK, QUANTITY, PRICE = 5, 2, 150
 
 def charges_of(order_id: str) -> list[dict[str, Any]]:
 
-
     with transaction() as session:
-        rows = session.execute(sa.text("SELECT * FROM charges WHERE order_id = :o"),
-                               {"o": order_id}).mappings()
+        rows = session.execute(
+            sa.text("SELECT * FROM charges WHERE order_id = :o"), {"o": order_id}
+        ).mappings()
         return [dict(r) for r in rows]
 
 
@@ -60,8 +60,11 @@ def test_a_confirmed_order_is_returned_refunded_once_with_its_stock_back(api: Ap
     [saga] = view["returns"]
     assert (view["status"], saga["state"]) == ("returned", "completed"), describe(view)
     assert [(s["name"], s["status"]) for s in saga["steps"]] == [
-        ("orders.begin_return", "succeeded"), ("payment.return_refund", "succeeded"),
-        ("inventory.return_stock", "succeeded"), ("orders.complete_return", "succeeded")]
+        ("orders.begin_return", "succeeded"),
+        ("payment.return_refund", "succeeded"),
+        ("inventory.return_stock", "succeeded"),
+        ("orders.complete_return", "succeeded"),
+    ]
     charges = charges_of(order["order_id"])
     assert [(c["status"], c["amount_cents"]) for c in charges] == [("refunded", QUANTITY * PRICE)]
     assert product(sku) == {"available": STOCK, "reserved": 0, "sold": 0}
@@ -110,23 +113,32 @@ def test_a_fault_after_the_pivot_parks_never_unrefunds_and_an_operator_finishes_
     cfg = config.settings()
     admin = requests.Session()
     admin.auth = (cfg.admin_user, cfg.admin_password)
-    answer = admin.post(f"{system.url}/admin/sagas/{saga['saga_id']}/retry",
-                        json={"note": "stock service fixed"}, timeout=10)
+    answer = admin.post(
+        f"{system.url}/admin/sagas/{saga['saga_id']}/retry",
+        json={"note": "stock service fixed"},
+        timeout=10,
+    )
     assert answer.status_code == 202, answer.text
     assert answer.json()["state"] == "running"
     view = api.wait_returned(order["order_id"], 60)
     [saga] = view["returns"]
     assert (view["status"], saga["state"]) == ("returned", "completed"), describe(view)
-    assert_in_order({"saga": saga}, [("step.dead_lettered", "inventory.return_stock"),
-                                     ("operator.retry", None),
-                                     ("step.dispatched", "inventory.return_stock"),
-                                     ("step.succeeded", "inventory.return_stock"),
-                                     ("step.succeeded", "orders.complete_return"),
-                                     ("saga.completed", None)])
+    assert_in_order(
+        {"saga": saga},
+        [
+            ("step.dead_lettered", "inventory.return_stock"),
+            ("operator.retry", None),
+            ("step.dispatched", "inventory.return_stock"),
+            ("step.succeeded", "inventory.return_stock"),
+            ("step.succeeded", "orders.complete_return"),
+            ("saga.completed", None),
+        ],
+    )
     assert [c["status"] for c in charges_of(order["order_id"])] == ["refunded"]
     assert product(sku) == {"available": STOCK, "reserved": 0, "sold": 0}
-    compensate = admin.post(f"{system.url}/admin/sagas/{saga['saga_id']}/compensate",
-                            json={}, timeout=10)
+    compensate = admin.post(
+        f"{system.url}/admin/sagas/{saga['saga_id']}/compensate", json={}, timeout=10
+    )
     assert compensate.status_code == 409
 
 
@@ -134,8 +146,9 @@ def test_two_concurrent_returns_of_one_order_make_one_saga(api: Api, system: Pro
     sku = make_product(stock=STOCK, price_cents=PRICE)
     order = confirmed_order(api, sku)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        answers = list(pool.map(lambda _: Api.connect(system.url).return_order(order["order_id"]),
-                                range(2)))
+        answers = list(
+            pool.map(lambda _: Api.connect(system.url).return_order(order["order_id"]), range(2))
+        )
     assert sorted(a.status_code for a in answers) == [202, 409], [a.text for a in answers]
     view = api.wait_returned(order["order_id"], 60)
     assert len(view["returns"]) == 1 and view["status"] == "returned"

@@ -29,8 +29,13 @@ def loyalty(sandbox: Sandbox, artifacts: Path) -> Iterator[Processes]:
 
 
 def definitions(procs: Processes) -> dict[tuple[str, int], dict[str, object]]:
-    result = subprocess.run(sagactl("definitions", "--json"), env=procs.box.env(**procs.extra_env),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        sagactl("definitions", "--json"),
+        env=procs.box.env(**procs.extra_env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["definitions"]
     return {(r["name"], r["version"]): r for r in rows}
@@ -74,6 +79,8 @@ def test_an_orchestrator_with_a_changed_released_version_refuses_to_start(
     loyalty: Processes,
 ) -> None:
     with pytest.raises(RuntimeError, match="definition loyalty v1 changed"):
-        loyalty.start("orchestrator#changed", **{
-            registry.EXTRA_MODULES_ENV: "tests.extension.loyalty_changed"})
+        loyalty.start(
+            "orchestrator#changed",
+            **{registry.EXTRA_MODULES_ENV: "tests.extension.loyalty_changed"},
+        )
     assert loyalty.running["orchestrator#changed"].proc.returncode == 1

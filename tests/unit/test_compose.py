@@ -28,7 +28,10 @@ CONTRACT_PROCESSES = {
     "web": "sagactl web",
     "orchestrator": "sagactl worker orchestrator",
     "relay": "sagactl relay",
-    **{service: f"sagactl worker {service}" for service in registry.build(registry.BUILTIN).services},
+    **{
+        service: f"sagactl worker {service}"
+        for service in registry.build(registry.BUILTIN).services
+    },
     "beat": "sagactl beat",
 }
 PROCESS_TABLE = process_table()

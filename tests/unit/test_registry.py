@@ -37,9 +37,13 @@ def test_a_changed_released_version_is_named_with_what_to_do() -> None:
 
 
 def test_a_worker_refuses_to_start_on_a_changed_released_version() -> None:
-    env = {**__import__("os").environ, registry.EXTRA_MODULES_ENV: "tests.extension.loyalty_changed"}
-    result = subprocess.run(sagactl("worker", "points"), env=env, capture_output=True, text=True,
-                            timeout=120)
+    env = {
+        **__import__("os").environ,
+        registry.EXTRA_MODULES_ENV: "tests.extension.loyalty_changed",
+    }
+    result = subprocess.run(
+        sagactl("worker", "points"), env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1, result.stderr
     assert "definition loyalty v1 changed" in result.stderr
 

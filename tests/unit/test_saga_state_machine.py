@@ -286,8 +286,6 @@ def test_an_operator_compensate_after_the_pivot_does_not_apply() -> None:
         advance(MIXED, snap, OperatorCompensate())
 
 
-
-
 def test_an_operator_compensate_while_the_pivot_is_in_flight_does_not_apply() -> None:
     snap, commands = mixed()
     assert commands == [Dispatch(PIVOT, "action")]

@@ -9,8 +9,7 @@ from tests.web.drive import body, place
 
 def test_the_order_json_names_its_sagas_definition_and_version(client: FlaskClient) -> None:
     placed = place(client)
-    view = body(client.get(f"/orders/{placed['order_id']}",
-                           headers={"Accept": "application/json"}))
+    view = body(client.get(f"/orders/{placed['order_id']}", headers={"Accept": "application/json"}))
     assert (view["saga"]["definition"], view["saga"]["definition_version"]) == ("order", 1)
     assert view["returns"] == []
 
@@ -20,11 +19,13 @@ def test_the_lists_show_the_version_and_filter_by_definition(
 ) -> None:
     placed = place(client)
     json_headers = {**admin_headers, "Accept": "application/json"}
-    listed = body(client.get(f"/admin/sagas?definition=order&q={placed['saga_id']}",
-                             headers=json_headers))["sagas"]
+    listed = body(
+        client.get(f"/admin/sagas?definition=order&q={placed['saga_id']}", headers=json_headers)
+    )["sagas"]
     assert [(s["definition"], s["definition_version"]) for s in listed] == [("order", 1)]
-    none = body(client.get(f"/admin/sagas?definition=loyalty&q={placed['saga_id']}",
-                           headers=json_headers))
+    none = body(
+        client.get(f"/admin/sagas?definition=loyalty&q={placed['saga_id']}", headers=json_headers)
+    )
     assert none["error"]["code"] == "invalid_definition"  # not registered in this system
     page = client.get("/admin/sagas?definition=order", headers=admin_headers)
     assert page.status_code == 200 and 'option value="order" selected' in page.get_data(True)

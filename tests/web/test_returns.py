@@ -32,8 +32,11 @@ def check(app: Flask) -> Checker:
 def order_becomes(order_id: str, status: str) -> None:
     """What the orders service does to the order (no worker runs in this tier)."""
     with transaction() as session:
-        session.execute(sa.update(Order).where(Order.id == uuid.UUID(order_id))
-                        .values(status=OrderStatus(status)))
+        session.execute(
+            sa.update(Order)
+            .where(Order.id == uuid.UUID(order_id))
+            .values(status=OrderStatus(status))
+        )
 
 
 def confirmed(client: FlaskClient) -> dict[str, str]:
@@ -62,10 +65,16 @@ def test_a_confirmed_order_starts_one_return_saga(client: FlaskClient, check: Ch
     assert view["status"] == "returning"
     [saga] = view["returns"]
     assert (saga["saga_id"], saga["definition"], saga["definition_version"]) == (
-        started["saga_id"], "return", 1)
+        started["saga_id"],
+        "return",
+        1,
+    )
     assert [s["name"] for s in saga["steps"]] == [
-        "orders.begin_return", "payment.return_refund", "inventory.return_stock",
-        "orders.complete_return"]
+        "orders.begin_return",
+        "payment.return_refund",
+        "inventory.return_stock",
+        "orders.complete_return",
+    ]
     assert saga["steps"][1]["status"] == "running"
     again = ret(client, placed["order_id"])
     check(again, PATH, "post")
@@ -109,7 +118,9 @@ def test_a_refused_refund_aborts_the_return_and_a_new_one_may_start(client: Flas
     second = ret(client, placed["order_id"])
     assert second.status_code == 202 and body(second)["saga_id"] != first
     assert [r["state"] for r in order(client, placed["order_id"])["returns"]] == [
-        "compensated", "running"]
+        "compensated",
+        "running",
+    ]
 
 
 def test_concurrent_returns_of_one_order_make_one_saga(app: Flask) -> None:
@@ -145,17 +156,29 @@ def test_an_idempotency_key_is_scoped_to_its_route(client: FlaskClient, check: C
 def test_bad_input_is_refused_and_changes_nothing(client: FlaskClient, check: Checker) -> None:
     placed = confirmed(client)
     order_id = placed["order_id"]
-    for payload in ({"reason": "x" * 201}, {"reason": "bell\x07"}, {"why": "x"}, ["x"],
-                    {"faults": {"payment.charge": "fail"}}, {"faults": {"orders.x": "fail"}}):
+    for payload in (
+        {"reason": "x" * 201},
+        {"reason": "bell\x07"},
+        {"why": "x"},
+        ["x"],
+        {"faults": {"payment.charge": "fail"}},
+        {"faults": {"orders.x": "fail"}},
+    ):
         response = ret(client, order_id, payload)
         check(response, PATH, "post")
         assert response.status_code == 422, payload
     bad = client.post(f"/orders/{order_id}/return", data="{", content_type="application/json")
     assert bad.status_code == 400
-    assert client.post(f"/orders/{order_id}/return", data="x",
-                       content_type="text/plain").status_code == 415
-    assert client.post(f"/orders/{order_id}/return", headers={"Idempotency-Key": "a b"},
-                       json={}).status_code == 400
+    assert (
+        client.post(f"/orders/{order_id}/return", data="x", content_type="text/plain").status_code
+        == 415
+    )
+    assert (
+        client.post(
+            f"/orders/{order_id}/return", headers={"Idempotency-Key": "a b"}, json={}
+        ).status_code
+        == 400
+    )
     assert order(client, order_id)["status"] == "confirmed"
     assert order(client, order_id)["returns"] == []
 
@@ -167,8 +190,9 @@ def test_the_order_page_returns_a_confirmed_order_through_its_form(client: Flask
     no_token = client.post(f"/orders/{placed['order_id']}/return", data={"reason": "x"})
     assert no_token.status_code == 400
     token = csrf_token(client, f"/orders/{placed['order_id']}")
-    done = client.post(f"/orders/{placed['order_id']}/return",
-                       data={"csrf_token": token, "reason": "wrong size"})
+    done = client.post(
+        f"/orders/{placed['order_id']}/return", data={"csrf_token": token, "reason": "wrong size"}
+    )
     assert done.status_code == 303 and done.headers["Location"] == f"/orders/{placed['order_id']}"
     page = client.get(f"/orders/{placed['order_id']}").get_data(as_text=True)
     assert 'id="return-button"' not in page and 'id="returns"' in page
