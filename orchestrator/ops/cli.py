@@ -127,10 +127,23 @@ class WorkerName(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         from orchestrator import registry
 
-        known = registry.build().worker_names  # no lock check: the worker itself does that
+        try:  # no lock check here: the worker itself does that
+            known = registry.build().worker_names
+        except (ImportError, registry.RegistryError) as exc:
+            self.fail(f"the saga registry cannot be built: {exc}", param, ctx)
         if value not in known:
             self.fail(f"unknown worker {value!r}; the registry knows {', '.join(known)}", param, ctx)
         return str(value)
+
+
+def _build_registry() -> Any:
+    """The registry without the lock check (for listing and locking), or exit 1 saying why."""
+    from orchestrator import registry
+
+    try:
+        return registry.build()
+    except (ImportError, registry.RegistryError) as exc:
+        _fail(f"the saga registry cannot be built: {exc}", code=1)
 
 
 def _load_registry() -> None:
@@ -269,16 +282,20 @@ def audit(as_json: bool) -> None:
 @click.option("--lock", is_flag=True, help="record the fingerprints of new versions")
 def definitions(as_json: bool, lock: bool) -> None:
     """Each saga definition and version: its fingerprint, its lock state, sagas in flight."""
-    from orchestrator import registry
     from orchestrator.ops import definitions as defs
 
     if lock:
         from orchestrator.kernel import versions
 
-        added = versions.lock_new(registry.build().definitions.values())
+        added = versions.lock_new(_build_registry().definitions.values())
         click.echo(f"locked: {', '.join(added)}" if added else "nothing new to lock")
         return
-    rows = defs.listing(registry.build())
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        rows = defs.listing(_build_registry())
+    except OperationalError as exc:
+        _fail(f"the database cannot be reached: {exc.orig}", code=3)
     if as_json:
         _print_json({"definitions": rows})
         return
