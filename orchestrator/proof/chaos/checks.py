@@ -75,10 +75,14 @@ def wait_settled(timeout_s: float, say: Callable[[str], None]) -> bool:
 
 
 def parked_sagas() -> list[tuple[uuid.UUID, str, str | None]]:
-    """Failed sagas: (saga id, parked compensation, the fault injected into it if any)."""
+    """Failed sagas: (saga id, what is parked, the fault injected into it if any). What is parked
+    is the current step's compensation, or the step itself (a retriable step, or a pivot whose
+    outcome was unknown) when its compensation is not the parked one."""
     rows = _rows("""
-        SELECT s.id, st.compensation, s.context -> 'faults' ->> st.compensation
+        SELECT s.id, p.name, s.context -> 'faults' ->> p.name
         FROM sagas s JOIN saga_steps st ON st.saga_id = s.id AND st.idx = s.current_step
+        CROSS JOIN LATERAL (SELECT CASE WHEN st.comp_status = 'parked' THEN st.compensation
+                                        ELSE st.name END AS name) p
         WHERE s.state = 'failed'""")
     return [(r[0], r[1], r[2]) for r in rows]
 
