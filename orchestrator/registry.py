@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -139,7 +139,10 @@ class Registry:
             raise RegistryError(f"service {name!r} declared twice, differently")
 
     def add_saga(
-        self, registered: Registered, payloads: dict[str, type[BaseModel]], default: type[BaseModel]
+        self,
+        registered: Registered,
+        payloads: Mapping[str, type[BaseModel]],
+        default: type[BaseModel],
     ) -> None:
         """A definition version, and its commands (``payloads``, else ``default``)."""
         key = registered.definition.key

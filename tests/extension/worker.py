@@ -23,7 +23,7 @@ __all__ = ["app", "award", "bonus", "post", "revoke"]
 LEDGER_LIMIT_CENTS = 50_000  # a posting over this is refused (a business "no")
 
 
-def _claim(session: Session, model: type, **values: object) -> bool:
+def _claim(session: Session, model: type[Award] | type[Posting], **values: object) -> bool:
     inserted = session.scalar(
         insert(model).values(**values).on_conflict_do_nothing().returning(model.saga_id)
     )

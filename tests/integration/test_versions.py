@@ -79,8 +79,6 @@ def test_an_orchestrator_with_a_changed_released_version_refuses_to_start(
     loyalty: Processes,
 ) -> None:
     with pytest.raises(RuntimeError, match="definition loyalty v1 changed"):
-        loyalty.start(
-            "orchestrator#changed",
-            **{registry.EXTRA_MODULES_ENV: "tests.extension.loyalty_changed"},
-        )
+        changed = {registry.EXTRA_MODULES_ENV: "tests.extension.loyalty_changed"}
+        loyalty.start("orchestrator#changed", True, **changed)
     assert loyalty.running["orchestrator#changed"].proc.returncode == 1
