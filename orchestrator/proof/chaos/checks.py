@@ -282,7 +282,8 @@ EFFECT_QUERIES = {
                    sum((l->>'quantity')::int) FILTER (WHERE r.status = 'sold') AS sold
             FROM reservations r, jsonb_array_elements(r.lines) l GROUP BY 1) x ON x.sku = p.sku
         WHERE p.reserved <> coalesce(x.reserved, 0) OR p.sold <> coalesce(x.sold, 0)""",
-    "stock sold differs from the confirmed orders (and returns not yet taken back)": """
+    # Returns not yet taken back count as sold too.
+    "stock sold differs from the confirmed orders": """
         SELECT NULL, p.sku || ': sold ' || p.sold || ' vs confirmed ' || coalesce(c.qty, 0)
         FROM products p LEFT JOIN (
             SELECT l.sku, sum(l.quantity) AS qty FROM order_lines l
