@@ -14,7 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
 
-_RETRYING_PROCESSES = {"orchestrator", "inventory", "payment", "orders", "relay"}
+# Processes that rerun a transaction whose connection died (run_in_transaction) need no ping:
+# every Celery worker (the orchestrator and each participant service) and the relay. The web,
+# beat and command-line tools do not, so they pay a ping per checkout.
+_PINGING_PROCESSES = {"web", "beat"}
 
 # SQLSTATEs worth retrying as a whole transaction: serialization failure, deadlock.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -35,9 +38,14 @@ def get_engine(url: str | None = None) -> sa.Engine:
         connect_args={"connect_timeout": 5},  # a silent database must not hang /healthz
         # A ping per checkout costs a round trip; the workers and the relay rerun a transaction
         # whose connection died (run_in_transaction), so only other processes pay for it.
-        pool_pre_ping=cfg.process not in _RETRYING_PROCESSES,
+        pool_pre_ping=_pings(cfg.process),
         pool_recycle=1800,
     )
+
+
+def _pings(process: str | None) -> bool:
+    """``SAGA_PROCESS`` is the process name (``orchestrator#2`` for a second one); unset: a tool."""
+    return process is None or process.split("#")[0] in _PINGING_PROCESSES
 
 
 @lru_cache(maxsize=4)

@@ -36,6 +36,8 @@ class OrderStatus(StrEnum):
     CONFIRMED = "confirmed"
     CANCELLED = "cancelled"
     FAILED = "failed"
+    RETURNING = "returning"  # a return saga is refunding it and taking the stock back
+    RETURNED = "returned"
 
 
 class Reason(StrEnum):
@@ -54,6 +56,7 @@ class ReservationStatus(StrEnum):
     SOLD = "sold"  # the order was confirmed
     RELEASED = "released"
     VOIDED = "voided"  # released before any reserve arrived: fences a late reserve
+    RETURNED = "returned"  # sold, then the order was returned: the stock is available again
 
 
 class ChargeStatus(StrEnum):

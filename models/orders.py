@@ -40,12 +40,16 @@ class OrderLine(Base):
 
 
 class IdempotencyKey(Base):
-    """One key never makes two orders: the primary key serializes concurrent first requests."""
+    """One key never makes two orders (or two returns): the primary key serializes concurrent
+    first requests. A key is scoped to its route: ``orders`` or ``return``."""
 
     __tablename__ = "idempotency_keys"
 
+    scope: Mapped[str] = mapped_column(sa.String(16), primary_key=True, server_default="orders")
     key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
     # sha256 of the canonical JSON body: same value, any key order or spacing.
     fingerprint: Mapped[str] = mapped_column(sa.String(64))
     order_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("orders.id"))
+    # The saga the first request started (a return's; an order's is found by its order id).
+    saga_id: Mapped[uuid.UUID | None]
     created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now(), index=True)

@@ -1,8 +1,15 @@
-"""Saga instances, the state of each step and its compensation, and the timeline of events."""
+"""Saga instances, the state of each step and its compensation, and the timeline of events.
+
+A saga is generic: a definition (name and version), a business key (for the shop's sagas, the
+order id) and a context. The action and the compensation of a step keep the same attempt state,
+read and written through one ``Phase`` value whichever half it is.
+"""
+
+from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -14,11 +21,16 @@ from models.enums import CompensationStatus, Reason, SagaState, StepStatus
 
 class Saga(Base):
     __tablename__ = "sagas"
-    __table_args__ = (sa.Index("ix_sagas_state_created", "state", "created_at"),)
+    __table_args__ = (
+        sa.Index("ix_sagas_state_created", "state", "created_at"),
+        sa.Index("ix_sagas_business_key", "business_key", "definition"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
-    order_id: Mapped[uuid.UUID] = mapped_column(sa.ForeignKey("orders.id"), unique=True)
+    # What the saga is about (the order id for the shop's sagas); one key may have many sagas.
+    business_key: Mapped[str] = mapped_column(sa.String(64))
     definition: Mapped[str] = mapped_column(sa.String(64))
+    definition_version: Mapped[int] = mapped_column(server_default="1")
     state: Mapped[SagaState] = mapped_column(enum_column(SagaState))
     reason: Mapped[Reason | None] = mapped_column(enum_column(Reason))
     # Index of the step (or compensation, when compensating) in hand.
@@ -29,7 +41,7 @@ class Saga(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
 
-    steps: Mapped[list["SagaStep"]] = relationship(order_by="SagaStep.idx", lazy="selectin")
+    steps: Mapped[list[SagaStep]] = relationship(order_by="SagaStep.idx", lazy="selectin")
 
 
 class SagaStep(Base):
@@ -66,6 +78,48 @@ class SagaStep(Base):
     comp_error: Mapped[str | None] = mapped_column(sa.Text)
     # Set while this row's action or compensation is in flight; the sweeper scans it.
     deadline_at: Mapped[datetime | None]
+
+    def phase(self, kind: PhaseKind) -> Phase:
+        return Phase(self, kind)
+
+
+PhaseKind = Literal["action", "compensation"]
+T = TypeVar("T")
+
+
+class _Field(Generic[T]):
+    """One attempt-state field of a phase: the action's column, or the compensation's twin."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, phase: Phase, owner: type | None = None) -> T:
+        value: T = getattr(phase.row, phase.prefix + self.name)
+        return value
+
+    def __set__(self, phase: Phase, value: T) -> None:
+        setattr(phase.row, phase.prefix + self.name, value)
+
+
+class Phase:
+    """The attempt state of one half of a step, the same for an action and a compensation."""
+
+    status: _Field[Any] = _Field()
+    attempts: _Field[int] = _Field()
+    attempts_base: _Field[int] = _Field()
+    request_id: _Field[uuid.UUID | None] = _Field()
+    started_at: _Field[datetime | None] = _Field()
+    finished_at: _Field[datetime | None] = _Field()
+    error: _Field[str | None] = _Field()
+
+    def __init__(self, row: SagaStep, kind: PhaseKind) -> None:
+        self.row, self.kind = row, kind
+        self.prefix = "" if kind == "action" else "comp_"
+
+    @property
+    def event_prefix(self) -> str:
+        """``step`` or ``compensation``: how the timeline names this half's events."""
+        return "step" if self.kind == "action" else "compensation"
 
 
 class SagaEvent(Base):

@@ -17,6 +17,9 @@ from models.enums import SagaState
 from models.orders import Order
 from models.sagas import Saga, SagaEvent, SagaStep
 from orchestrator.kernel import engine
+from orchestrator.sagas.order import ORDER_SAGA
+
+RETURN_SAGA_NAME = "return"
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -92,6 +95,8 @@ def saga_view(session: Session, saga: Saga) -> dict[str, Any]:
         "saga_id": str(saga.id),
         "state": saga.state.value,
         "stuck": engine.is_stuck(saga),
+        "definition": saga.definition,
+        "definition_version": saga.definition_version,
         "steps": step_views(saga),
         "timeline": timeline(session, saga.id),
     }
@@ -101,7 +106,10 @@ def order_view(session: Session, order_id: uuid.UUID) -> dict[str, Any] | None:
     order = session.get(Order, order_id)
     if order is None:
         return None
-    saga = session.scalars(sa.select(Saga).where(Saga.order_id == order_id)).one()
+    sagas = session.scalars(
+        sa.select(Saga).where(Saga.business_key == str(order_id)).order_by(Saga.created_at)
+    ).all()
+    saga = next(s for s in sagas if s.definition == ORDER_SAGA.name)
     return {
         "order_id": str(order.id),
         "customer_id": order.customer_id,
@@ -115,6 +123,7 @@ def order_view(session: Session, order_id: uuid.UUID) -> dict[str, Any] | None:
             for line in order.lines
         ],
         "saga": saga_view(session, saga),
+        "returns": [saga_view(session, s) for s in sagas if s.definition == RETURN_SAGA_NAME],
     }
 
 
@@ -169,7 +178,11 @@ class Cursor:
 
 
 def list_sagas(
-    session: Session, state: str | None, q: str | None, cursor: Cursor | None
+    session: Session,
+    state: str | None,
+    q: str | None,
+    cursor: Cursor | None,
+    definition: str | None = None,
 ) -> tuple[list[dict[str, Any]], Cursor | None]:
     """Newest first, PAGE_SIZE a page, keyset-paginated on (created_at, id)."""
     current = (
@@ -182,12 +195,14 @@ def list_sagas(
         query = query.where(_stuck_clause())
     elif state:
         query = query.where(Saga.state == SagaState(state))
+    if definition:
+        query = query.where(Saga.definition == definition)
     if q:
         try:
             ident = uuid.UUID(q.strip())
         except ValueError:
             return [], None
-        query = query.where(sa.or_(Saga.id == ident, Saga.order_id == ident))
+        query = query.where(sa.or_(Saga.id == ident, Saga.business_key == str(ident)))
     if cursor:
         query = query.where(
             sa.tuple_(Saga.created_at, Saga.id) < (cursor.created_at, cursor.saga_id)
@@ -198,7 +213,9 @@ def list_sagas(
     items = [
         {
             "saga_id": str(saga.id),
-            "order_id": str(saga.order_id),
+            "order_id": saga.business_key,
+            "definition": saga.definition,
+            "definition_version": saga.definition_version,
             "state": saga.state.value,
             "stuck": (not saga.state.final) and deadline is not None and deadline < now,
             "current_step": name,
@@ -215,18 +232,25 @@ def list_sagas(
     return items, next_cursor
 
 
+def _order_of(session: Session, business_key: str) -> Order | None:
+    """The order a shop saga is about (a saga of another kind has none)."""
+    try:
+        return session.get(Order, uuid.UUID(business_key))
+    except ValueError:
+        return None
+
+
 def saga_detail(session: Session, saga_id: uuid.UUID) -> dict[str, Any] | None:
     saga = session.get(Saga, saga_id)
     if saga is None:
         return None
-    order = session.get(Order, saga.order_id)
-    assert order is not None
+    order = _order_of(session, saga.business_key)
     view = saga_view(session, saga)
     view.update(
         {
-            "order_id": str(saga.order_id),
-            "order_status": order.status.value,
-            "customer_id": order.customer_id,
+            "order_id": saga.business_key,
+            "order_status": order.status.value if order else None,
+            "customer_id": order.customer_id if order else None,
             "reason": saga.reason.value if saga.reason else None,
             "created_at": _iso(saga.created_at),
             "updated_at": _iso(saga.updated_at),

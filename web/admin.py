@@ -6,6 +6,7 @@ cross-site without a preflight, which this app never answers) or a form post wit
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import uuid
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from sqlalchemy.orm import Session
 from models.db import transaction
 from models.deadletters import DeadLetter
 from models.orders import Order
-from orchestrator import queries
+from orchestrator import queries, registry
 from orchestrator.kernel import engine
 from orchestrator.kernel.machine import NotApplicable
 from orchestrator.messaging import deadletters
@@ -113,6 +114,13 @@ def sagas() -> Response | str:
         raise ApiError(400, "invalid_query", "the query is not valid", exc.details) from exc
     state = query.state
     q = (query.q or "").strip() or None
+    definition = query.definition
+    if definition is not None and definition not in registry.current().names:
+        raise ApiError(
+            400,
+            "invalid_definition",
+            f"definition must be one of {', '.join(registry.current().names)}",
+        )
     cursor = None
     if query.cursor:
         try:
@@ -120,7 +128,7 @@ def sagas() -> Response | str:
         except ValueError as exc:
             raise ApiError(400, "invalid_cursor", "the cursor is not valid") from exc
     with transaction() as session:
-        items, next_cursor = queries.list_sagas(session, state, q, cursor)
+        items, next_cursor = queries.list_sagas(session, state, q, cursor, definition)
         counts = queries.counts(session)
         customers = _customers(session, items) if not wants_json() else {}
     next_token = next_cursor.encode() if next_cursor else None
@@ -133,6 +141,8 @@ def sagas() -> Response | str:
         counts=listed["counts"],
         state=state,
         q=q or "",
+        definition=definition or "",
+        definitions=registry.current().names,
         next=next_token,
         paged=cursor is not None,
         states=queries.STATES,
@@ -142,7 +152,10 @@ def sagas() -> Response | str:
 
 def _customers(session: Session, items: list[dict[str, Any]]) -> dict[str, str]:
     """Order id -> customer id, for the HTML list (one indexed lookup for the page)."""
-    ids = [uuid.UUID(item["order_id"]) for item in items]
+    ids = []
+    for item in items:
+        with contextlib.suppress(ValueError):  # a saga of another kind is about no order
+            ids.append(uuid.UUID(item["order_id"]))
     rows = session.execute(sa.select(Order.id, Order.customer_id).where(Order.id.in_(ids)))
     return {str(order_id): customer for order_id, customer in rows}
 

@@ -19,7 +19,13 @@ JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
 REF = "#/components/schemas/{model}"
 
-REQUESTS: tuple[type[BaseModel], ...] = (s.OrderIn, s.ActionIn, s.BulkIn, s.LetterActionIn)
+REQUESTS: tuple[type[BaseModel], ...] = (
+    s.OrderIn,
+    s.ReturnIn,
+    s.ActionIn,
+    s.BulkIn,
+    s.LetterActionIn,
+)
 RESPONSES: tuple[type[BaseModel], ...] = (
     s.Error,
     s.Placed,
@@ -217,6 +223,33 @@ PATHS: dict[str, Any] = {
                 _path_param("order_id", {"type": "string"}, "an order id (anything else: 404)")
             ],
             "responses": {"200": _page_or_json(s.OrderOut, "the order"), **_errors(404)},
+        }
+    },
+    "/orders/{order_id}/return": {
+        "post": {
+            "summary": "Return a confirmed order (starts its return saga)",
+            "tags": ["shop"],
+            "parameters": [
+                _path_param("order_id", {"type": "string"}, "an order id (anything else: 404)"),
+                IDEMPOTENCY_KEY,
+            ],
+            "requestBody": {
+                "required": False,
+                "content": {
+                    JSON: {"schema": ref(s.ReturnIn)},
+                    FORM: {"schema": {"type": "object", "description": "reason, csrf_token"}},
+                },
+            },
+            "responses": {
+                "202": _json(s.Placed, "accepted: the order is returning", headers=LOCATION),
+                "200": _json(
+                    s.Placed,
+                    "the return an earlier request with this Idempotency-Key started",
+                    headers=LOCATION,
+                ),
+                "303": {"description": "a form post: to the order page", "headers": LOCATION},
+                **_errors(400, 404, 409, 413, 415, 422, 503),
+            },
         }
     },
     "/products": {

@@ -18,13 +18,13 @@ from flask import (
 
 from models.db import transaction
 from orchestrator import queries
-from orchestrator.kernel import engine
 from orchestrator.ops.logs import log_context
 from orchestrator.sagas import placing as ordering
+from orchestrator.sagas import returning
 from web.errors import ApiError, wants_json
 from web.http import check_csrf, json_body, read_body
 from web.schemas import OrderIn, OrderOut, Placed, ProductOut, dump
-from web.validation import IDEMPOTENCY_KEY, InvalidOrder, fingerprint, parse_order
+from web.validation import IDEMPOTENCY_KEY, InvalidOrder, fingerprint, parse_order, parse_return
 
 bp = Blueprint("orders", __name__)
 
@@ -62,7 +62,7 @@ def _idempotency_key() -> str | None:
 
 
 def _place(order: OrderIn, raw: Any, key: str | None) -> ordering.Placement:
-    new = engine.NewOrder(
+    new = ordering.NewOrder(
         customer_id=order.customer_id,
         items=[(item.sku, item.quantity) for item in order.items],
         card_token=order.payment.card_token,
@@ -79,7 +79,7 @@ def _place(order: OrderIn, raw: Any, key: str | None) -> ordering.Placement:
     except ordering.IdempotencyInFlight as exc:
         raise ApiError(409, "idempotency_in_flight",
                        "a request with this Idempotency-Key is still being processed") from exc
-    except engine.UnknownSku as exc:  # the catalogue changed between validation and insert
+    except ordering.UnknownSku as exc:  # the catalogue changed between validation and insert
         raise ApiError(422, "validation_failed", "unknown product",
                        [{"field": "items", "message": f"unknown product {exc}"}]) from exc
 
@@ -175,6 +175,58 @@ def show(order_id: str) -> Response | str:
     if wants_json():
         return jsonify(public)
     return render_template("orders/show.html", order=public)
+
+
+@bp.post("/orders/<order_id>/return")
+def return_order(order_id: str) -> Response | tuple[Response, int]:
+    """Start the order's return saga (the contract's POST /orders/<order_id>/return)."""
+    read_body()
+    try:
+        ident = uuid.UUID(order_id)
+    except ValueError as exc:
+        raise ApiError(404, "not_found", "no such order") from exc
+    mimetype = request.mimetype
+    if mimetype == "application/json":
+        raw = json_body() if request.get_data(cache=True).strip() else {}
+        is_form = False
+    elif mimetype == "application/x-www-form-urlencoded":
+        check_csrf()
+        is_form = True
+        raw = {"reason": request.form["reason"]} if request.form.get("reason") else {}
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       "send application/json or an HTML form (application/x-www-form-urlencoded)")
+    key = _idempotency_key()
+    try:
+        wanted = parse_return(raw, fault_injection=current_app.config["FAULT_INJECTION"])
+    except InvalidOrder as exc:
+        raise ApiError(422, "validation_failed", "the return is not valid", exc.details) from exc
+    try:
+        started = returning.start_return(ident, wanted.reason, wanted.faults, key,
+                                         fingerprint(raw))
+    except returning.OrderNotFound as exc:
+        raise ApiError(404, "not_found", "no such order") from exc
+    except returning.NotReturnable as exc:
+        raise ApiError(409, "not_returnable", str(exc)) from exc
+    except returning.Backlogged as exc:
+        raise ApiError(503, "backlogged", "too many sagas in flight; try again shortly",
+                       headers={"Retry-After": "5"}) from exc
+    except returning.IdempotencyMismatch as exc:
+        raise ApiError(409, "idempotency_mismatch",
+                       "this Idempotency-Key was used with a different body") from exc
+    except returning.IdempotencyInFlight as exc:
+        raise ApiError(409, "idempotency_in_flight",
+                       "a request with this Idempotency-Key is still being processed") from exc
+    with log_context(saga_id=started.saga_id, order_id=started.order_id):
+        current_app.logger.info("return %s", "accepted" if started.created else "replayed")
+    location = url_for("orders.show", order_id=started.order_id)
+    if is_form:
+        return redirect(location, code=303)  # type: ignore[return-value]
+    response = jsonify(dump(Placed(order_id=started.order_id, saga_id=started.saga_id,
+                                   status=started.status)))
+    response.status_code = 202 if started.created else 200
+    response.headers["Location"] = location
+    return response
 
 
 @bp.get("/products")

@@ -6,6 +6,8 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
+from orchestrator.registry import TimelineEvent as E
+
 REASON_TEXT = {
     "out_of_stock": "Cancelled: not enough stock for one of the lines; nothing was charged.",
     "payment_declined": "Cancelled: the card was declined; the reserved stock was released.",
@@ -14,13 +16,19 @@ REASON_TEXT = {
     "operator": "An operator aborted this order and rolled it back.",
 }
 CONFIRMED_TEXT = "Confirmed: stock reserved, card charged, order confirmed."
+# Statuses that say it all, whatever the reason field holds.
+STATUS_TEXT = {
+    "confirmed": CONFIRMED_TEXT,
+    "returning": "Being returned: refunding the card and taking the stock back.",
+    "returned": "Returned: the card was refunded and the stock is back on the shelf.",
+}
 PENDING_TEXT = "Working on it…"
 FAILED_PREFIX = "Failed and waiting for an operator. "
 
 
 def explain(order: dict[str, Any]) -> str:
-    if order["status"] == "confirmed":
-        return CONFIRMED_TEXT
+    if order["status"] in STATUS_TEXT:
+        return STATUS_TEXT[order["status"]]
     if not order.get("reason"):
         return PENDING_TEXT
     prefix = FAILED_PREFIX if order["status"] == "failed" else ""
@@ -32,6 +40,7 @@ def page_texts() -> dict[str, Any]:
     return {
         "reasons": REASON_TEXT,
         "confirmed": CONFIRMED_TEXT,
+        "statuses": STATUS_TEXT,
         "pending": PENDING_TEXT,
         "failed_prefix": FAILED_PREFIX,
     }
@@ -50,15 +59,16 @@ def duration(step: dict[str, Any]) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-_STARTS = {"step.dispatched", "compensation.dispatched", "step.retried"}
+_DISPATCHED = {E.STEP_DISPATCHED, E.COMPENSATION_DISPATCHED}
+_STARTS = {*_DISPATCHED, E.STEP_RETRIED}
 _ENDS = {
-    "step.succeeded": "ok",
-    "compensation.succeeded": "ok",
-    "step.failed": "failed",
-    "compensation.failed": "failed",
-    "step.timed_out": "timeout",
-    "step.dead_lettered": "dead",
-    "compensation.parked": "dead",
+    E.STEP_SUCCEEDED: "ok",
+    E.COMPENSATION_SUCCEEDED: "ok",
+    E.STEP_FAILED: "failed",
+    E.COMPENSATION_FAILED: "failed",
+    E.STEP_TIMED_OUT: "timeout",
+    E.STEP_DEAD_LETTERED: "dead",
+    E.COMPENSATION_PARKED: "dead",
 }
 OUTCOME_TEXT = {
     "ok": "succeeded",
@@ -86,7 +96,7 @@ def attempt_bars(timeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
         lane, attempt = e.get("step"), e.get("attempt")
         if not lane or not attempt:
             continue
-        if e["event"] in ("step.dispatched", "compensation.dispatched"):
+        if e["event"] in _DISPATCHED:
             kinds.setdefault(lane, e["event"].split(".")[0])
         at, bar = _at(e["at"]), in_flight.get(lane)
         if e["event"] in _STARTS:
@@ -191,7 +201,7 @@ def attempt_chart(timeline: list[dict[str, Any]], now: str | None = None) -> Any
                 f'text-anchor="middle">{which}</text>'
             )
     for e in timeline:
-        if e["event"].startswith("operator."):
+        if e["event"] in (E.OPERATOR_RETRY, E.OPERATOR_COMPENSATE, E.OPERATOR_BULK):
             x = x_of(_at(e["at"]))
             what = f"{e['event']} by {e.get('actor') or '?'}" + (
                 f": {e['detail']}" if e.get("detail") else ""

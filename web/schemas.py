@@ -33,6 +33,7 @@ from models.enums import (
     StepStatus,
 )
 from orchestrator.ops.masking import TOKEN_PATTERN, mask_text
+from orchestrator.registry import TimelineEvent
 
 MAX_LINES = 50
 MAX_QUANTITY = 1000
@@ -115,6 +116,7 @@ VISIBLE_RULE = (
 # is ``Annotated[VisibleText, Field(max_length=200)]``).
 VisibleText = Annotated[str, AfterValidator(check_visible_text), Field(description=VISIBLE_RULE)]
 CustomerId = Annotated[VisibleText, Field(min_length=1, max_length=64)]
+ReturnReason = Annotated[VisibleText, Field(min_length=1, max_length=200)]
 Sku = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_no_controls)]
 CardToken = Annotated[str, Field(pattern=f"^{TOKEN_PATTERN}$")]
 Quantity = Annotated[StrictInt, Field(ge=1, le=MAX_QUANTITY)]
@@ -163,6 +165,22 @@ class OrderIn(_In):
     ) = None
 
 
+class ReturnIn(_In):
+    """The body of POST /orders/<order_id>/return (it may be empty)."""
+
+    reason: ReturnReason | None = None
+    faults: (
+        Annotated[
+            dict[str, str],
+            Field(
+                description="only when SAGA_FAULT_INJECTION=1: a return step or compensation "
+                "name -> transient:N | always | fail | crash | hang:S"
+            ),
+        ]
+        | None
+    ) = None
+
+
 class ActionIn(_In):
     """The body of POST /admin/sagas/<id>/retry and /compensate."""
 
@@ -197,6 +215,11 @@ class SagaListQuery(_In):
         BeforeValidator(_blank_is_none),
         Field(description="`next` of the previous page"),
     ] = None
+    definition: Annotated[
+        str | None,
+        BeforeValidator(_blank_is_none),
+        Field(description="a saga definition's name (order, return, ...)"),
+    ] = None
 
 
 # ---------------------------------------------------------------- responses
@@ -219,29 +242,7 @@ Timestamp = Annotated[
 # Text from the system or an operator: card tokens masked wherever it is shown.
 Masked = Annotated[str, AfterValidator(mask_text)]
 
-EVENT_NAMES = (
-    "saga.started",
-    "step.dispatched",
-    "step.succeeded",
-    "step.failed",
-    "step.retried",
-    "step.timed_out",
-    "step.dead_lettered",
-    "compensation.dispatched",
-    "compensation.succeeded",
-    "compensation.failed",
-    "compensation.parked",
-    "saga.completed",
-    "saga.compensated",
-    "saga.failed",
-    "operator.retry",
-    "operator.compensate",
-    "operator.bulk",
-    "dead_letter.replayed",
-    "dead_letter.discarded",
-    "step.held",
-    "step.released",
-)
+EVENT_NAMES = tuple(e.value for e in TimelineEvent)
 EventName = Literal[EVENT_NAMES]  # type: ignore[valid-type]
 # Events whose detail (an operator's note, a dead letter's story) is for the admin pages only.
 PRIVATE_DETAIL = ("operator.", "dead_letter.", "step.held", "step.released")
@@ -307,6 +308,8 @@ class PublicSaga(_Out):
     saga_id: uuid.UUID
     state: SagaState
     stuck: bool
+    definition: str
+    definition_version: Annotated[int, Field(ge=1)]
     steps: list[StepOut]
     timeline: Annotated[list[PublicEvent], Field(description="oldest first")]
 
@@ -327,13 +330,20 @@ class OrderOut(_Out):
     created_at: Timestamp
     items: list[LineOut]
     saga: PublicSaga
+    returns: Annotated[
+        list[PublicSaga], Field(description="the order's return sagas, oldest first")
+    ]
 
     @classmethod
     def of(cls, view: dict[str, Any]) -> OrderOut:
         """The read side's view of an order, as the public may see it."""
-        saga = view["saga"]
-        public = {**saga, "timeline": [PublicEvent.of(e) for e in saga["timeline"]]}
-        return cls.model_validate({**view, "saga": public})
+
+        def public(saga: dict[str, Any]) -> dict[str, Any]:
+            return {**saga, "timeline": [PublicEvent.of(e) for e in saga["timeline"]]}
+
+        return cls.model_validate(
+            {**view, "saga": public(view["saga"]), "returns": [public(r) for r in view["returns"]]}
+        )
 
 
 class ProductOut(_Out):
@@ -347,7 +357,9 @@ class ProductOut(_Out):
 
 class SagaSummary(_Out):
     saga_id: uuid.UUID
-    order_id: uuid.UUID
+    order_id: Annotated[str, Field(description="the saga's business key: the order id")]
+    definition: str
+    definition_version: Annotated[int, Field(ge=1)]
     state: SagaState
     stuck: bool
     current_step: str
@@ -375,11 +387,13 @@ class SagaDetail(_Out):
     saga_id: uuid.UUID
     state: SagaState
     stuck: bool
+    definition: str
+    definition_version: Annotated[int, Field(ge=1)]
     steps: list[StepOut]
     timeline: Annotated[list[AdminEvent], Field(description="oldest first")]
-    order_id: uuid.UUID
-    order_status: OrderStatus
-    customer_id: str
+    order_id: Annotated[str, Field(description="the saga's business key: the order id")]
+    order_status: OrderStatus | None
+    customer_id: str | None
     reason: Reason | None
     created_at: Timestamp
     updated_at: Timestamp

@@ -10,10 +10,12 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from orchestrator import registry
 from orchestrator.messaging.envelopes import FAULT
 from orchestrator.sagas.order import ORDER_SAGA
+from orchestrator.sagas.returns import RETURN_SAGA
 from web.http import TooLongNumber
-from web.schemas import OrderIn
+from web.schemas import OrderIn, ReturnIn
 
 # Matched with fullmatch: "$" alone would let a trailing newline through.
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -81,19 +83,36 @@ def parse_order(
         if known_skus is not None and item.sku not in known_skus:
             problems.append({"field": f"items[{i}].sku", "message": "unknown product"})
     if "faults" in data:
-        if not fault_injection:
-            problems.append({"field": "faults", "message": "fault injection is off"})
-        else:
-            for name, fault in (order.faults or {}).items():
-                if name not in ORDER_SAGA.commands:
-                    problems.append(
-                        {"field": f"faults.{name}", "message": "not a step or compensation"}
-                    )
-                elif not FAULT.fullmatch(fault):  # not .match: "$" passes "crash\n"
-                    problems.append({"field": f"faults.{name}", "message": "unknown fault"})
+        problems += _fault_problems(order.faults, ORDER_SAGA.name, fault_injection)
     if problems:
         raise Invalid(problems)
     return order
+
+
+def _fault_problems(
+    faults: dict[str, str] | None, definition: str, fault_injection: bool
+) -> list[dict[str, str]]:
+    """Faults name a step or compensation of the saga (its latest version), and a known fault."""
+    if not fault_injection:
+        return [{"field": "faults", "message": "fault injection is off"}]
+    commands = registry.current().latest(definition).definition.commands
+    problems = []
+    for name, fault in (faults or {}).items():
+        if name not in commands:
+            problems.append({"field": f"faults.{name}", "message": "not a step or compensation"})
+        elif not FAULT.fullmatch(fault):  # not .match: "$" passes "crash\n"
+            problems.append({"field": f"faults.{name}", "message": "unknown fault"})
+    return problems
+
+
+def parse_return(data: Any, *, fault_injection: bool) -> ReturnIn:
+    """POST /orders/<id>/return: an optional reason; faults name the return saga's steps."""
+    wanted = validate(ReturnIn, data)
+    if "faults" in data:
+        problems = _fault_problems(wanted.faults, RETURN_SAGA.name, fault_injection)
+        if problems:
+            raise Invalid(problems)
+    return wanted
 
 
 def fingerprint(data: Any) -> str:

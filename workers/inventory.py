@@ -1,4 +1,5 @@
-"""The inventory service: reserve every line of an order or none; release what was reserved.
+"""The inventory service: reserve every line of an order or none; release what was reserved; take
+a returned order's sold stock back into ``available``.
 
 Run: ``sagactl worker inventory``. The reservation row, keyed by saga id, is both the effect's
 record and its idempotency key.
@@ -10,11 +11,11 @@ from sqlalchemy.orm import Session
 from models.enums import Reason, ReservationStatus
 from models.participants import Reservation
 from orchestrator.messaging.celery_app import app
-from orchestrator.messaging.envelopes import Command, CommandPayload, ReservePayload
+from orchestrator.messaging.envelopes import Command, OrderPayload, ReservePayload
 from workers import records, stock
 from workers.participant import Result, participant
 
-__all__ = ["app", "release", "reserve"]
+__all__ = ["app", "release", "reserve", "return_stock"]
 
 
 def _as_result(row: Reservation) -> Result:
@@ -46,7 +47,7 @@ def reserve(session: Session, command: Command, payload: ReservePayload) -> Resu
 
 
 @participant("inventory.release")
-def release(session: Session, command: Command, payload: CommandPayload) -> Result:
+def release(session: Session, command: Command, payload: OrderPayload) -> Result:
     """release_if_reserved: gives back reserved (or sold) stock; fences a reserve not yet seen."""
     if records.claim(session, Reservation, command, status=ReservationStatus.VOIDED, lines=[]):
         return Result(True, applied_now=True)
@@ -58,5 +59,26 @@ def release(session: Session, command: Command, payload: CommandPayload) -> Resu
         return Result(True)
     stock.move(session, row.lines, bucket, "available")
     row.status = ReservationStatus.RELEASED
+    row.updated_at = sa.func.now()
+    return Result(True, applied_now=True)
+
+
+@participant("inventory.return_stock")
+def return_stock(session: Session, command: Command, payload: OrderPayload) -> Result:
+    """A returned order's sold stock becomes available again (not a restock: no total changes)."""
+    row = session.scalars(
+        sa.select(Reservation)
+        .where(
+            Reservation.order_id == payload.order_id,
+            Reservation.status.in_([ReservationStatus.SOLD, ReservationStatus.RETURNED]),
+        )
+        .with_for_update()
+    ).first()
+    if row is None:
+        return Result(False, "no sold stock of this order to take back")
+    if row.status is ReservationStatus.RETURNED:
+        return Result(True)  # a redelivery: taken back already
+    stock.move(session, row.lines, "sold", "available")
+    row.status = ReservationStatus.RETURNED
     row.updated_at = sa.func.now()
     return Result(True, applied_now=True)

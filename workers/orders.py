@@ -1,4 +1,5 @@
-"""The order service: confirm an order (its reserved stock becomes sold); cancel it.
+"""The order service: confirm an order (its reserved stock becomes sold); cancel it; end a return
+(``returning -> returned``) or abort it (``returning -> confirmed``).
 
 Run: ``sagactl worker orders``. The order's own status is the idempotency record.
 """
@@ -10,14 +11,14 @@ from models.enums import OrderStatus, ReservationStatus
 from models.orders import Order
 from models.participants import Reservation
 from orchestrator.messaging.celery_app import app
-from orchestrator.messaging.envelopes import CancelPayload, Command, CommandPayload
+from orchestrator.messaging.envelopes import CancelPayload, Command, OrderPayload
 from workers import stock
 from workers.participant import Result, participant
 
-__all__ = ["app", "cancel", "confirm"]
+__all__ = ["abort_return", "app", "cancel", "complete_return", "confirm"]
 
 
-def _order(session: Session, payload: CommandPayload) -> Order:
+def _order(session: Session, payload: OrderPayload) -> Order:
     order = session.get(Order, payload.order_id, with_for_update=True, populate_existing=True)
     if order is None:
         raise LookupError(f"order {payload.order_id} does not exist")
@@ -25,7 +26,7 @@ def _order(session: Session, payload: CommandPayload) -> Order:
 
 
 @participant("orders.confirm")
-def confirm(session: Session, command: Command, payload: CommandPayload) -> Result:
+def confirm(session: Session, command: Command, payload: OrderPayload) -> Result:
     order = _order(session, payload)
     if order.status is OrderStatus.CONFIRMED:
         return Result(True)
@@ -50,5 +51,28 @@ def cancel(session: Session, command: Command, payload: CancelPayload) -> Result
         return Result(True)
     order.status = OrderStatus.CANCELLED
     order.reason = payload.reason
+    order.updated_at = sa.func.now()
+    return Result(True, applied_now=True)
+
+
+@participant("orders.complete_return")
+def complete_return(session: Session, command: Command, payload: OrderPayload) -> Result:
+    order = _order(session, payload)
+    if order.status is OrderStatus.RETURNED:
+        return Result(True)
+    if order.status is not OrderStatus.RETURNING:
+        return Result(False, f"fenced: the order is {order.status}, not returning")
+    order.status = OrderStatus.RETURNED
+    order.updated_at = sa.func.now()
+    return Result(True, applied_now=True)
+
+
+@participant("orders.abort_return")
+def abort_return(session: Session, command: Command, payload: OrderPayload) -> Result:
+    """abort_return_if_returning: the order is confirmed again (nothing to undo otherwise)."""
+    order = _order(session, payload)
+    if order.status is not OrderStatus.RETURNING:
+        return Result(True)
+    order.status = OrderStatus.CONFIRMED
     order.updated_at = sa.func.now()
     return Result(True, applied_now=True)

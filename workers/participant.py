@@ -72,7 +72,7 @@ def send_reply(command: Command, attempt: int, payload: ReplyPayload) -> None:
         "saga.reply",
         args=[envelope],
         headers=trace_headers(
-            {**envelope, "payload": {"order_id": str(command.typed_payload().order_id)}}
+            {**envelope, "payload": {"order_id": command.typed_payload().business_key}}
         ),
     )
 
@@ -89,7 +89,7 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
     with log_context(
         saga_id=command.saga_id,
-        order_id=payload.order_id,
+        order_id=payload.business_key,
         step=command.type,
         request_id=command.request_id,
     ):

@@ -20,7 +20,7 @@ def claim(session: Session, model: type[Any], command: Command, **values: Any) -
     """Insert the saga's row; False if one exists already (read it with ``locked``)."""
     inserted = session.scalar(
         insert(model)
-        .values(saga_id=command.saga_id, order_id=command.typed_payload().order_id, **values)
+        .values(saga_id=command.saga_id, order_id=command.typed_payload().business_key, **values)
         .on_conflict_do_nothing(index_elements=["saga_id"])
         .returning(model.saga_id)
     )

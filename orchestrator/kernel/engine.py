@@ -4,23 +4,24 @@ Every transition of a saga runs in one transaction that first locks the saga row
 of one saga are serialized across any number of orchestrator processes. The commands a transition
 produces are outbox rows in that same transaction: they are sent if and only if the state change
 committed. A reply is applied only if its request id is the one the saga waits for.
+
+Generic: a saga is a definition version from the registry, a business key and a context. What a
+state change means for the business happens in the definition's ``on_state`` hook.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, joinedload
 
-from models.catalog import Product
-from models.enums import CompensationStatus, OrderStatus, Reason, SagaState, StepStatus
-from models.orders import Order, OrderLine
-from models.sagas import Saga, SagaEvent, SagaStep
+from models.enums import CompensationStatus, Reason, SagaState, StepStatus
+from models.sagas import Phase, PhaseKind, Saga, SagaEvent, SagaStep
+from orchestrator import registry
 from orchestrator.kernel.machine import (
     CompensationParked,
     CompensationSucceeded,
@@ -37,23 +38,22 @@ from orchestrator.kernel.machine import (
     StepView,
     advance,
     initial,
+    is_parked_step,
 )
 from orchestrator.messaging import outbox
-from orchestrator.messaging.envelopes import ReplyOutcome, RetrySpec, make_command
+from orchestrator.messaging.envelopes import (
+    CommandPayload,
+    ReplyOutcome,
+    RetrySpec,
+    make_command,
+)
 from orchestrator.ops.config import settings
-from orchestrator.sagas.order import DEFINITIONS, ORDER_SAGA, REFUSAL_REASON, build_payload
+from orchestrator.registry import Registered, TimelineEvent
 
 log = logging.getLogger(__name__)
 
 _EVENTS = cast(sa.Table, SagaEvent.__table__)
-
-Kind = Literal["action", "compensation"]
-
-
-class UnknownSku(ValueError):
-    def __init__(self, skus: list[str]) -> None:
-        super().__init__(", ".join(skus))
-        self.skus = skus
+E = TimelineEvent
 
 
 class SagaNotFound(LookupError):
@@ -64,10 +64,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def registered_of(saga: Saga) -> Registered:
+    """The definition version the saga started on: it advances on that one only."""
+    return registry.current().get(saga.definition, saga.definition_version)
+
+
 # ---------------------------------------------------------------- policies
 
 
-def retry_policy(definition: SagaDefinition, index: int, kind: Kind) -> RetryPolicy:
+def retry_policy(definition: SagaDefinition, index: int, kind: PhaseKind) -> RetryPolicy:
     cfg = settings()
     step = definition.steps[index]
     if kind == "action":
@@ -81,65 +86,40 @@ def step_timeout_s(definition: SagaDefinition, index: int) -> float:
     return definition.steps[index].timeout_s or settings().step_timeout_s
 
 
+def command_of(definition: SagaDefinition, index: int, kind: PhaseKind) -> str:
+    step = definition.steps[index]
+    command = step.action if kind == "action" else step.compensation
+    assert command is not None, f"{step.name} has no {kind}"
+    return command
+
+
 # ---------------------------------------------------------------- starting a saga
 
 
-@dataclass(frozen=True)
-class NewOrder:
-    customer_id: str
-    items: list[tuple[str, int]]
-    card_token: str
-    faults: dict[str, str] | None = None
-
-
-@dataclass(frozen=True)
-class Started:
-    order_id: uuid.UUID
-    saga_id: uuid.UUID
-
-
-def start_order(session: Session, new: NewOrder) -> Started:
-    """Write the order, its saga and the saga's first command, in the caller's transaction."""
-    skus = [sku for sku, _ in new.items]
-    prices: dict[str, int] = {
-        sku: price
-        for sku, price in session.execute(
-            sa.select(Product.sku, Product.price_cents).where(Product.sku.in_(skus))
-        )
-    }
-    unknown = [sku for sku in skus if sku not in prices]
-    if unknown:
-        raise UnknownSku(unknown)
-    now = utcnow()
-    order_id, saga_id = uuid.uuid4(), uuid.uuid4()
-    total = sum(prices[sku] * qty for sku, qty in new.items)
-    order = Order(
-        id=order_id,
-        customer_id=new.customer_id,
-        status=OrderStatus.PENDING,
-        total_cents=total,
-        card_last4=new.card_token[-4:],
-        created_at=now,
-        updated_at=now,
-    )
-    lines = [
-        OrderLine(order_id=order_id, sku=sku, quantity=qty, price_cents=prices[sku])
-        for sku, qty in new.items
-    ]
-    snap, dispatches = initial(ORDER_SAGA)
+def start_saga(
+    session: Session,
+    definition: str,
+    business_key: str,
+    context: dict[str, Any],
+    *,
+    detail: str | None = None,
+    now: datetime | None = None,
+) -> uuid.UUID:
+    """Write a saga of the latest version of ``definition`` and its first command, in the
+    caller's transaction (with whatever business rows the caller wrote before)."""
+    reg = registry.current().latest(definition)
+    now = now or utcnow()
+    saga_id = uuid.uuid4()
+    snap, dispatches = initial(reg.definition)
     saga = Saga(
         id=saga_id,
-        order_id=order_id,
-        definition=ORDER_SAGA.name,
+        business_key=business_key,
+        definition=reg.name,
+        definition_version=reg.version,
         state=snap.state,
+        reason=None,
         current_step=snap.current,
-        context={
-            "order_id": str(order_id),
-            "items": [{"sku": sku, "quantity": qty} for sku, qty in new.items],
-            "total_cents": total,
-            "card_token": new.card_token,
-            "faults": new.faults or {},
-        },
+        context=context,
         deadline_at=now + timedelta(seconds=settings().saga_deadline_s),
         created_at=now,
         updated_at=now,
@@ -152,24 +132,33 @@ def start_order(session: Session, new: NewOrder) -> Started:
             status=view.status,
             attempts=0,
             attempts_base=0,
+            request_id=None,
+            started_at=None,
+            finished_at=now if view.status is StepStatus.SUCCEEDED else None,
+            error=None,
             compensation=step.compensation,
             comp_status=view.comp_status,
             comp_attempts=0,
             comp_attempts_base=0,
-            finished_at=now if view.status is StepStatus.SUCCEEDED else None,
+            comp_request_id=None,
+            comp_started_at=None,
+            comp_finished_at=None,
+            comp_error=None,
+            deadline_at=None,
         )
-        for i, (step, view) in enumerate(zip(ORDER_SAGA.steps, snap.steps, strict=True))
+        for i, (step, view) in enumerate(zip(reg.definition.steps, snap.steps, strict=True))
     ]
-    record(session, saga, "saga.started", detail=f"order {order_id}")
-    _dispatch(session, saga, ORDER_SAGA, dispatches, now)  # fills in the first step's request
-    # The new rows go in with Core INSERTs, never added to the session: the ORM unit of work for
-    # these seven objects was about 30 % of the web's CPU per order.
-    _insert(session, [order])
-    _insert(session, lines)
+    record(session, saga, E.SAGA_STARTED, detail=detail)
+    _dispatch(session, saga, reg, dispatches, now)  # fills in the first step's request
+    # Core INSERTs, never added to the session: the ORM unit of work for these objects was
+    # about 30 % of the web's CPU per order.
     _insert(session, [saga])
     _insert(session, saga.steps)
-    log.info("saga started", extra={"saga_id": str(saga_id), "order_id": str(order_id)})
-    return Started(order_id, saga_id)
+    log.info(
+        "saga started",
+        extra={"saga_id": str(saga_id), "definition": reg.name, "business_key": business_key},
+    )
+    return saga_id
 
 
 def _insert(session: Session, rows: list[Any]) -> None:
@@ -200,7 +189,7 @@ EVENTS_KEY = "saga.events"
 def record(
     session: Session,
     saga: Saga,
-    event: str,
+    event: TimelineEvent,
     *,
     step: str | None = None,
     attempt: int | None = None,
@@ -211,7 +200,7 @@ def record(
     session.info.setdefault(EVENTS_KEY, []).append(
         {
             "saga_id": saga.id,
-            "event": event,
+            "event": TimelineEvent(event).value,
             "step": step,
             "attempt": attempt,
             "detail": detail,
@@ -247,32 +236,30 @@ def snapshot_of(saga: Saga) -> Snapshot:
 def awaits(
     saga: Saga,
     index: int,
-    kind: Kind,
+    kind: PhaseKind,
     request_id: uuid.UUID | None = None,
     *,
     success: bool = False,
 ) -> bool:
     """Is the saga waiting for this step's action (or compensation), and for this request?
 
-    A parked compensation still takes a late *success* of its last request: the work was done
-    after it gave up waiting, and the saga carries on compensating instead of staying parked.
+    A parked step or compensation still takes a late *success* of its last request: the work was
+    done after it gave up waiting, and the saga carries on instead of staying parked.
     """
-    row = saga.steps[index]
     if saga.current_step != index:
         return False
-    if kind == "action":
-        waiting = saga.state is SagaState.RUNNING and row.status is StepStatus.RUNNING
-        awaited = row.request_id
-    else:
+    phase = saga.steps[index].phase(kind)
+    running = SagaState.RUNNING if kind == "action" else SagaState.COMPENSATING
+    in_flight = StepStatus.RUNNING if kind == "action" else CompensationStatus.RUNNING
+    waiting = saga.state is running and phase.status is in_flight
+    if not waiting and success and saga.state is SagaState.FAILED:
+        snap = snapshot_of(saga)
         waiting = (
-            saga.state is SagaState.COMPENSATING and row.comp_status is CompensationStatus.RUNNING
-        ) or (
-            success
-            and saga.state is SagaState.FAILED
-            and row.comp_status is CompensationStatus.PARKED
+            is_parked_step(snap, index)
+            if kind == "action"
+            else phase.status is CompensationStatus.PARKED
         )
-        awaited = row.comp_request_id
-    return waiting and (request_id is None or request_id == awaited)
+    return waiting and (request_id is None or request_id == phase.request_id)
 
 
 # ---------------------------------------------------------------- transitions
@@ -281,50 +268,59 @@ def awaits(
 def transition(session: Session, saga: Saga, event: Event, now: datetime | None = None) -> None:
     """Advance the saga by one event; persist the result, its timeline and its commands."""
     now = now or utcnow()
-    definition = DEFINITIONS[saga.definition]
+    reg = registered_of(saga)
     before = snapshot_of(saga)
-    after, dispatches = advance(definition, before, event)
-    _persist(session, saga, definition, before, after, now)
-    _dispatch(session, saga, definition, dispatches, now)
+    after, dispatches = advance(reg.definition, before, event)
+    _persist(session, saga, reg, before, after, now)
+    _dispatch(session, saga, reg, dispatches, now)
+
+
+_FINISHED = {
+    StepStatus.SUCCEEDED,
+    StepStatus.FAILED,
+    CompensationStatus.SUCCEEDED,
+    CompensationStatus.PARKED,
+}
+_SUCCEEDED = {StepStatus.SUCCEEDED, CompensationStatus.SUCCEEDED}
 
 
 def _persist(
     session: Session,
     saga: Saga,
-    definition: SagaDefinition,
+    reg: Registered,
     before: Snapshot,
     after: Snapshot,
     now: datetime,
 ) -> None:
     for i, (old, new) in enumerate(zip(before.steps, after.steps, strict=True)):
         row = saga.steps[i]
-        if old.status is not new.status:
-            row.status = new.status
-            if new.status in (StepStatus.SUCCEEDED, StepStatus.FAILED):
-                row.finished_at, row.deadline_at = now, None
-            if new.status is StepStatus.SUCCEEDED:
-                row.error = None  # earlier attempts' errors stay in the timeline
-                record(session, saga, "step.succeeded", step=row.name, attempt=row.attempts)
-        if old.comp_status is not new.comp_status:
-            row.comp_status = new.comp_status
-            if new.comp_status in (CompensationStatus.SUCCEEDED, CompensationStatus.PARKED):
-                row.comp_finished_at, row.deadline_at = now, None
-            if new.comp_status is CompensationStatus.SUCCEEDED:
-                row.comp_error = None
+        changes: list[tuple[Phase, Any, Any]] = [
+            (row.phase("action"), old.status, new.status),
+            (row.phase("compensation"), old.comp_status, new.comp_status),
+        ]
+        for phase, was, now_is in changes:
+            if was is now_is:
+                continue
+            phase.status = now_is
+            if now_is in _FINISHED:
+                phase.finished_at, row.deadline_at = now, None
+            if now_is in _SUCCEEDED:
+                phase.error = None  # earlier attempts' errors stay in the timeline
+                name = row.name if phase.kind == "action" else row.compensation
                 record(
                     session,
                     saga,
-                    "compensation.succeeded",
-                    step=row.compensation,
-                    attempt=row.comp_attempts,
+                    E(f"{phase.event_prefix}.succeeded"),
+                    step=name,
+                    attempt=phase.attempts,
                 )
-            elif new.comp_status is CompensationStatus.PARKED:
+            elif now_is is CompensationStatus.PARKED:
                 record(
                     session,
                     saga,
-                    "compensation.parked",
+                    E.COMPENSATION_PARKED,
                     step=row.compensation,
-                    attempt=row.comp_attempts,
+                    attempt=phase.attempts,
                     detail="waiting for an operator",
                 )
     saga.current_step = after.current
@@ -333,28 +329,9 @@ def _persist(
     if after.state is not before.state:
         saga.state = after.state
         if after.state.final:
-            record(session, saga, f"saga.{after.state.value}", detail=_reason_text(saga))
-        _order_follows(session, saga, after.state, now)
-
-
-def _order_follows(session: Session, saga: Saga, state: SagaState, now: datetime) -> None:
-    """A parked saga fails its order; un-parking makes it pending again until compensation ends.
-
-    Confirm and cancel are the orders service's own steps; only these two moves are the engine's.
-    """
-    if state is SagaState.FAILED:
-        # From pending, or from confirmed when a late confirm landed after the step timed out.
-        values: dict[str, Any] = {"status": OrderStatus.FAILED, "reason": saga.reason}
-        sources = [OrderStatus.PENDING, OrderStatus.CONFIRMED]
-    elif state is SagaState.COMPENSATING:
-        values, sources = {"status": OrderStatus.PENDING}, [OrderStatus.FAILED]
-    else:
-        return
-    session.execute(
-        sa.update(Order)
-        .where(Order.id == saga.order_id, Order.status.in_(sources))
-        .values(updated_at=now, **values)
-    )
+            record(session, saga, E.saga_final(after.state), detail=_reason_text(saga))
+        if reg.on_state is not None:
+            reg.on_state(session, saga, after.state)
 
 
 def _reason_text(saga: Saga) -> str | None:
@@ -364,46 +341,41 @@ def _reason_text(saga: Saga) -> str | None:
 def _dispatch(
     session: Session,
     saga: Saga,
-    definition: SagaDefinition,
+    reg: Registered,
     dispatches: list[Dispatch],
     now: datetime,
 ) -> None:
+    definition = reg.definition
     for d in dispatches:
         row = saga.steps[d.index]
-        step = definition.steps[d.index]
+        phase = row.phase(d.kind)
+        command = command_of(definition, d.index, d.kind)
         policy = retry_policy(definition, d.index, d.kind)
-        deadline = now + timedelta(seconds=step_timeout_s(definition, d.index))
-        if d.kind == "action":
-            assert step.action is not None
-            command = step.action
-            if d.fresh or row.request_id is None:
-                row.request_id = uuid.uuid4()
-                row.started_at = row.started_at or now
-            row.attempts += 1
-            attempt, request_id = row.attempts, row.request_id
-            record(session, saga, "step.dispatched", step=command, attempt=attempt)
-        else:
-            assert step.compensation is not None
-            command = step.compensation
-            if d.fresh or row.comp_request_id is None:
-                row.comp_request_id = uuid.uuid4()
-                row.comp_started_at = row.comp_started_at or now
-            row.comp_attempts += 1
-            attempt, request_id = row.comp_attempts, row.comp_request_id
-            record(session, saga, "compensation.dispatched", step=command, attempt=attempt)
-        row.deadline_at = deadline
-        payload = build_payload(
+        if d.fresh or phase.request_id is None:
+            phase.request_id = uuid.uuid4()
+            phase.started_at = phase.started_at or now
+        phase.attempts += 1
+        record(
+            session,
+            saga,
+            E(f"{phase.event_prefix}.dispatched"),
+            step=command,
+            attempt=phase.attempts,
+        )
+        row.deadline_at = now + timedelta(seconds=step_timeout_s(definition, d.index))
+        payload: CommandPayload = reg.build_payload(  # type: ignore[assignment]
             command,
             saga.context,
             RetrySpec(attempts=policy.attempts, base_s=policy.base_s, max_s=policy.max_s),
             saga.reason,
         )
+        assert phase.request_id is not None
         envelope = make_command(
             command,
             saga_id=saga.id,
-            request_id=request_id,
-            step=step.name,
-            attempt=attempt,
+            request_id=phase.request_id,
+            step=row.name,
+            attempt=phase.attempts,
             payload=payload,
         )
         outbox.enqueue(session, command, envelope)
@@ -424,43 +396,52 @@ def on_reply(
     retry_in_s: float | None = None,
 ) -> str:
     """Apply one participant reply to a locked saga. Returns what happened, for the log."""
-    definition = DEFINITIONS[saga.definition]
+    definition = registered_of(saga).definition
     index, kind = definition.by_command(command)
     if not awaits(saga, index, kind, request_id, success=outcome is ReplyOutcome.SUCCEEDED):
         return "ignored (not awaited: late or duplicate)"
-    row = saga.steps[index]
+    phase = saga.steps[index].phase(kind)
     now = utcnow()
-    if kind == "action":
-        row.attempts = max(row.attempts, attempt)
-    else:
-        row.comp_attempts = max(row.comp_attempts, attempt)
-    prefix = "step" if kind == "action" else "compensation"
+    phase.attempts = max(phase.attempts, attempt)
     if outcome is ReplyOutcome.RETRYING:
         delay = retry_in_s or 0.0
-        record(session, saga, f"{prefix}.failed", step=command, attempt=attempt, detail=error)
         record(
             session,
             saga,
-            "step.retried",
+            E(f"{phase.event_prefix}.failed"),
+            step=command,
+            attempt=attempt,
+            detail=error,
+        )
+        record(
+            session,
+            saga,
+            E.STEP_RETRIED,
             step=command,
             attempt=attempt + 1,
             detail=f"next attempt in {delay:.2f}s",
         )
-        _set_error(row, kind, error)
-        if kind == "action":
-            row.attempts = max(row.attempts, attempt + 1)
-        else:
-            row.comp_attempts = max(row.comp_attempts, attempt + 1)
-        row.deadline_at = now + timedelta(seconds=delay + step_timeout_s(definition, index))
+        phase.error = error
+        phase.attempts = max(phase.attempts, attempt + 1)
+        saga.steps[index].deadline_at = now + timedelta(
+            seconds=delay + step_timeout_s(definition, index)
+        )
         saga.updated_at = now
         return "retrying"
     if outcome is ReplyOutcome.SUCCEEDED:
         event: Event = StepSucceeded(index) if kind == "action" else CompensationSucceeded(index)
     else:
-        record(session, saga, f"{prefix}.failed", step=command, attempt=attempt, detail=error)
-        _set_error(row, kind, error)
+        record(
+            session,
+            saga,
+            E(f"{phase.event_prefix}.failed"),
+            step=command,
+            attempt=attempt,
+            detail=error,
+        )
+        phase.error = error
         if kind == "action":
-            event = StepFailed(index, REFUSAL_REASON[command], partial=False)
+            event = StepFailed(index, definition.steps[index].refusal, partial=False)
         else:
             event = CompensationParked(index)
     transition(session, saga, event, now)
@@ -474,40 +455,34 @@ def on_exhausted(
     request_id: uuid.UUID | None,
     why: str,
     *,
-    cause: str,
+    cause: TimelineEvent,
     reason: Reason,
     attempt: int | None = None,
 ) -> bool:
     """The step or compensation gave up (dead-lettered, or past its deadline with no budget left).
 
-    An action turns the saga back (it may have partly taken effect); a compensation parks.
+    An action turns the saga back (it may have partly taken effect) unless it only goes forward
+    (a retriable step, or a pivot whose outcome nobody knows): then it parks. A compensation parks.
     """
-    definition = DEFINITIONS[saga.definition]
+    definition = registered_of(saga).definition
     index, kind = definition.by_command(command)
     if not awaits(saga, index, kind, request_id):
         return False
-    row = saga.steps[index]
+    phase = saga.steps[index].phase(kind)
     # A dead letter may overtake the "retrying" replies of the attempts before it.
-    if attempt is not None and kind == "action":
-        row.attempts = max(row.attempts, attempt)
-    elif attempt is not None:
-        row.comp_attempts = max(row.comp_attempts, attempt)
-    attempt = row.attempts if kind == "action" else row.comp_attempts
-    record(session, saga, cause, step=command, attempt=attempt, detail=why)
-    _set_error(row, kind, why)
+    if attempt is not None:
+        phase.attempts = max(phase.attempts, attempt)
+    record(session, saga, cause, step=command, attempt=phase.attempts, detail=why)
+    phase.error = why
     if kind == "action":
-        transition(session, saga, StepFailed(index, reason, partial=True))
+        unknown = cause is E.STEP_TIMED_OUT
+        transition(session, saga, StepFailed(index, reason, partial=True, unknown=unknown))
     else:
-        record(session, saga, "compensation.failed", step=command, attempt=attempt, detail=why)
+        record(
+            session, saga, E.COMPENSATION_FAILED, step=command, attempt=phase.attempts, detail=why
+        )
         transition(session, saga, CompensationParked(index))
     return True
-
-
-def _set_error(row: SagaStep, kind: Kind, error: str | None) -> None:
-    if kind == "action":
-        row.error = error
-    else:
-        row.comp_error = error
 
 
 # ---------------------------------------------------------------- operator actions
@@ -520,6 +495,15 @@ def is_stuck(saga: Saga, now: datetime | None = None) -> bool:
     return deadline is not None and deadline < (now or utcnow())
 
 
+def current_kind(saga: Saga) -> PhaseKind:
+    """Which half of the current step is in hand (or parked)."""
+    if saga.state is SagaState.RUNNING:
+        return "action"
+    if saga.state is SagaState.FAILED and is_parked_step(snapshot_of(saga), saga.current_step):
+        return "action"
+    return "compensation"
+
+
 def operator_action(
     session: Session, saga_id: uuid.UUID, action: str, actor: str, note: str | None
 ) -> SagaState:
@@ -530,22 +514,21 @@ def operator_action(
     if action == "retry":
         if not (saga.state is SagaState.FAILED or is_stuck(saga)):
             raise NotApplicable(f"only a stuck or failed saga can be retried (it is {saga.state})")
-        record(session, saga, "operator.retry", actor=actor, detail=note)
-        current = saga.steps[saga.current_step]
-        if saga.state is SagaState.RUNNING:
-            current.attempts_base = current.attempts
-        else:
-            current.comp_attempts_base = current.comp_attempts
+        record(session, saga, E.OPERATOR_RETRY, actor=actor, detail=note)
+        in_hand = saga.steps[saga.current_step].phase(current_kind(saga))
+        in_hand.attempts_base = in_hand.attempts  # a fresh budget; the count goes on
         transition(session, saga, OperatorRetry())
     elif action == "compensate":
         if saga.state is not SagaState.RUNNING:
             raise NotApplicable(f"only a running saga can be compensated (it is {saga.state})")
-        record(session, saga, "operator.compensate", actor=actor, detail=note)
+        # Checked before anything is recorded: the machine refuses past the pivot as well.
+        advance(registered_of(saga).definition, snapshot_of(saga), OperatorCompensate())
+        record(session, saga, E.OPERATOR_COMPENSATE, actor=actor, detail=note)
         current = saga.steps[saga.current_step]
         record(
             session,
             saga,
-            "step.failed",
+            E.STEP_FAILED,
             step=current.name,
             attempt=current.attempts,
             detail="aborted by operator",
@@ -563,50 +546,46 @@ def on_deadline(session: Session, saga: Saga, now: datetime) -> str | None:
     """The sweeper's move for a saga past a deadline: re-send within the budget, else give up."""
     if saga.state.final:
         return None
-    definition = DEFINITIONS[saga.definition]
+    reg = registered_of(saga)
     index = saga.current_step
-    kind: Kind = "action" if saga.state is SagaState.RUNNING else "compensation"
+    kind = current_kind(saga)
     row = saga.steps[index]
-    command = definition.steps[index].action if kind == "action" else row.compensation
-    assert command is not None
-    request_id = row.request_id if kind == "action" else row.comp_request_id
+    phase = row.phase(kind)
+    command = command_of(reg.definition, index, kind)
     if kind == "action" and saga.deadline_at < now:
         on_exhausted(
             session,
             saga,
             command,
-            request_id,
+            phase.request_id,
             "the saga's deadline passed",
-            cause="step.timed_out",
+            cause=E.STEP_TIMED_OUT,
             reason=Reason.TIMEOUT,
         )
         return "saga deadline"
     if row.deadline_at is None or row.deadline_at >= now:
         return None
     # Attempts of the current budget (an operator retry starts a fresh one).
-    if kind == "action":
-        attempts = row.attempts - row.attempts_base
-    else:
-        attempts = row.comp_attempts - row.comp_attempts_base
-    if attempts < retry_policy(definition, index, kind).attempts:
+    attempts = phase.attempts - phase.attempts_base
+    if attempts < retry_policy(reg.definition, index, kind).attempts:
         record(
             session,
             saga,
-            "step.timed_out",
+            E.STEP_TIMED_OUT,
             step=command,
             attempt=attempts,
             detail="no reply before the deadline; sending again",
         )
-        _dispatch(session, saga, definition, [Dispatch(index, kind, fresh=False)], now)
+        _dispatch(session, saga, reg, [Dispatch(index, kind, fresh=False)], now)
         saga.updated_at = now
         return "re-sent"
     on_exhausted(
         session,
         saga,
         command,
-        request_id,
+        phase.request_id,
         "no reply before the deadline, no attempts left",
-        cause="step.timed_out",
+        cause=E.STEP_TIMED_OUT,
         reason=Reason.TIMEOUT,
     )
     return "gave up"

@@ -14,9 +14,10 @@
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown
 
-from orchestrator.messaging.topology import SERVICE_QUEUES, TASK_EXCHANGE, queue_for_task
+from orchestrator import registry
+from orchestrator.messaging.topology import TASK_EXCHANGE, queue_for_task, service_queues
 from orchestrator.ops.config import Settings, settings
 
 
@@ -30,7 +31,7 @@ def _route(
 def celery_settings(cfg: Settings) -> dict[str, Any]:
     """The app's settings, as data (a test checks that Celery 5.7 reads every one of them)."""
     return dict(
-        task_queues=list(SERVICE_QUEUES.values()),
+        task_queues=list(service_queues().values()),
         task_default_exchange=TASK_EXCHANGE.name,
         task_default_exchange_type=TASK_EXCHANGE.type,
         task_default_queue="saga.orchestrator",
@@ -78,6 +79,31 @@ def create_celery() -> Celery:
 
 
 app = create_celery()
+
+
+def missing_handlers(app: Celery, queues: list[str]) -> list[str]:
+    """The registry's commands (or orchestrator tasks) of ``queues`` with no task in ``app``."""
+    reg = registry.current()
+    wanted: list[str] = []
+    for queue in queues:
+        if queue == registry.ORCHESTRATOR_QUEUE:
+            wanted += registry.ORCHESTRATOR_TASKS
+        else:
+            wanted += reg.commands_of(reg.service(queue).name)
+    return [name for name in wanted if name not in app.tasks]
+
+
+@worker_init.connect
+def _every_command_has_a_handler(sender: object = None, **_: object) -> None:
+    """A worker whose module lacks a handler for one of its service's commands must not start:
+    the command would wait in its queue for ever."""
+    worker_app: Celery | None = getattr(sender, "app", None)
+    if worker_app is None:
+        return
+    queues = [q.name for q in worker_app.amqp.queues.consume_from.values()]
+    missing = missing_handlers(worker_app, queues)
+    if missing:
+        raise SystemExit(f"no handler for {', '.join(missing)} in this worker: add its participant")
 
 
 @worker_process_init.connect

@@ -26,9 +26,10 @@ from models.db import run_in_transaction, transaction
 from models.deadletters import DeadLetter
 from models.enums import DeadLetterState, Reason
 from orchestrator.kernel import engine
-from orchestrator.messaging.topology import DEAD_LETTER_QUEUES, TASK_EXCHANGE, declare_all
+from orchestrator.messaging.topology import TASK_EXCHANGE, dead_letter_queues, declare_all
 from orchestrator.ops.config import settings
 from orchestrator.ops.masking import mask_text
+from orchestrator.registry import TimelineEvent
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +163,15 @@ def take_in(
         saga = engine.lock_saga(session, who.saga_id)
         if saga is None or who.command.endswith(".reply"):
             return row_id
-        # KeyError: a command this saga's definition does not know (forged or foreign).
-        with contextlib.suppress(KeyError):
+        # LookupError: a command this saga's definition does not know (forged or foreign).
+        with contextlib.suppress(LookupError):
             engine.on_exhausted(
                 session,
                 saga,
                 who.command,
                 who.request_id,
                 reason,
-                cause="step.dead_lettered",
+                cause=TimelineEvent.STEP_DEAD_LETTERED,
                 reason=Reason.RETRIES_EXHAUSTED,
                 attempt=who.attempt,
             )
@@ -193,7 +194,7 @@ class DeadLetterIntake(bootsteps.ConsumerStep):
         return [
             Consumer(
                 channel,
-                queues=list(DEAD_LETTER_QUEUES.values()),
+                queues=list(dead_letter_queues().values()),
                 on_message=self.on_message,
                 prefetch_count=10,
             )
@@ -292,7 +293,7 @@ def _resolve(letter_id: int, state: DeadLetterState, actor: str) -> None:
                 engine.record(
                     session,
                     saga,
-                    f"dead_letter.{state.value}",
+                    TimelineEvent(f"dead_letter.{state.value}"),
                     step=letter.step,
                     actor=actor,
                     detail=f"dead letter {letter_id}",

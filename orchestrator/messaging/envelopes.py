@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.enums import Reason
+from orchestrator import registry
 from orchestrator.ops.masking import TOKEN_PATTERN
 
 # The contract's injectable faults: transient:N, always, fail, crash, hang:S.
@@ -56,31 +57,45 @@ class RetrySpec(BaseModel):
 
 
 class CommandPayload(BaseModel):
-    order_id: uuid.UUID
+    """What every command carries, whatever its saga."""
+
     retry: RetrySpec
     # An injected fault (``SAGA_FAULT_INJECTION=1`` only), e.g. "transient:2".
     fault: str | None = Field(default=None, pattern=FAULT.pattern)
 
+    @property
+    def business_key(self) -> str | None:
+        """What the command is about, for logs and headers (the order id in the shop's sagas)."""
+        return None
 
-class ReservePayload(CommandPayload):
+
+class OrderPayload(CommandPayload):
+    """A command of the shop's sagas (order, return): it is about one order."""
+
+    order_id: uuid.UUID
+
+    @property
+    def business_key(self) -> str | None:
+        return str(self.order_id)
+
+
+class ReservePayload(OrderPayload):
     items: list[Line] = Field(min_length=1)
 
 
-class ChargePayload(CommandPayload):
+class ChargePayload(OrderPayload):
     amount_cents: int = Field(gt=0)
     card_token: str = Field(pattern=f"^{TOKEN_PATTERN}$")
 
 
-class CancelPayload(CommandPayload):
+class CancelPayload(OrderPayload):
     reason: Reason
 
 
-COMMAND_PAYLOADS: dict[str, type[CommandPayload]] = {
+# The shop's commands whose payload is more than an OrderPayload (the registry reads this).
+ORDER_PAYLOADS: dict[str, type[OrderPayload]] = {
     "inventory.reserve": ReservePayload,
-    "inventory.release": CommandPayload,
     "payment.charge": ChargePayload,
-    "payment.refund": CommandPayload,
-    "orders.confirm": CommandPayload,
     "orders.cancel": CancelPayload,
 }
 ACCEPTED_VERSIONS = {1}
@@ -121,7 +136,8 @@ class Command(Envelope):
     kind: Literal["command"] = "command"
 
     def typed_payload(self) -> CommandPayload:
-        return COMMAND_PAYLOADS[self.type].model_validate(self.payload)
+        model: type[CommandPayload] = registry.current().command(self.type).payload  # type: ignore[assignment]
+        return model.model_validate(self.payload)
 
 
 class Reply(Envelope):
@@ -181,7 +197,7 @@ def parse_command(raw: Any, expected_type: str | None = None) -> Command:
     try:
         cmd = Command.model_validate(raw)
         _check_version(cmd)
-        if cmd.type not in COMMAND_PAYLOADS:
+        if cmd.type not in registry.current().commands:
             raise PoisonMessage(f"unknown command type {cmd.type!r}")
         if expected_type and cmd.type != expected_type:
             raise PoisonMessage(f"{cmd.type!r} delivered to the {expected_type!r} task")
@@ -195,7 +211,7 @@ def parse_reply(raw: Any) -> Reply:
     try:
         reply = Reply.model_validate(raw)
         _check_version(reply)
-        if not reply.type.endswith(".reply") or reply.command not in COMMAND_PAYLOADS:
+        if not reply.type.endswith(".reply") or reply.command not in registry.current().commands:
             raise PoisonMessage(f"unknown reply type {reply.type!r}")
         _ = reply.body
     except ValidationError as exc:

@@ -1,4 +1,4 @@
-"""Exchanges and queues, declared once, as data. Routing key = queue name.
+"""Exchanges and queues, declared once, as data, from the registry's services. Routing key = queue name.
 
 Every service queue is a durable quorum queue that dead-letters (at least once) into ``saga.dlx``,
 where each service has its own ``<queue>.dead`` queue. The delivery limit ends redelivery loops of a
@@ -8,15 +8,20 @@ delivery (retries with a countdown, held by the broker, not in worker memory) re
 
 from kombu import Exchange, Queue
 
+from orchestrator import registry
+
 TASK_EXCHANGE = Exchange("saga", type="topic", durable=True)
 DEAD_LETTER_EXCHANGE = Exchange("saga.dlx", type="direct", durable=True)
 
 # Well above the redeliveries a healthy message sees when connections are cut (FACTS.md).
 DELIVERY_LIMIT = 20
 
-SERVICES = ("inventory", "payment", "orders")
-ORCHESTRATOR_QUEUE = "saga.orchestrator"
-SERVICE_QUEUE_NAMES = (*SERVICES, ORCHESTRATOR_QUEUE)
+ORCHESTRATOR_QUEUE = registry.ORCHESTRATOR_QUEUE
+
+
+def service_queue_names() -> tuple[str, ...]:
+    """Every participant service's queue (from the registry), then the orchestrator's."""
+    return (*(s.queue for s in registry.current().services.values()), ORCHESTRATOR_QUEUE)
 
 
 def dead_letter_queue_name(queue: str) -> str:
@@ -51,20 +56,24 @@ def _dead_letter_queue(name: str) -> Queue:
     )
 
 
-SERVICE_QUEUES: dict[str, Queue] = {name: _service_queue(name) for name in SERVICE_QUEUE_NAMES}
-# Not in Celery's task_queues: only the orchestrator's dead-letter intake consumes these.
-DEAD_LETTER_QUEUES: dict[str, Queue] = {
-    name: _dead_letter_queue(name) for name in SERVICE_QUEUE_NAMES
-}
+def service_queues() -> dict[str, Queue]:
+    return {name: _service_queue(name) for name in service_queue_names()}
+
+
+def dead_letter_queues() -> dict[str, Queue]:
+    """Not in Celery's task_queues: only the orchestrator's dead-letter intake consumes these."""
+    return {name: _dead_letter_queue(name) for name in service_queue_names()}
 
 
 def queue_for_task(task_name: str) -> str:
-    """``payment.charge`` -> ``payment``; orchestrator tasks (``saga.*``) -> its own queue."""
-    service = task_name.split(".", 1)[0]
-    return service if service in SERVICES else ORCHESTRATOR_QUEUE
+    """``payment.charge`` -> ``payment``; ``saga.reply``/``saga.sweep`` -> the orchestrator's.
+
+    An unknown task raises ``registry.UnknownName``: nothing is routed to a default queue.
+    """
+    return registry.current().queue_for(task_name)
 
 
 def declare_all(channel: object) -> None:
     """Declare every exchange and queue (idempotent); run by every process that publishes."""
-    for queue in (*SERVICE_QUEUES.values(), *DEAD_LETTER_QUEUES.values()):
+    for queue in (*service_queues().values(), *dead_letter_queues().values()):
         queue.bind(channel).declare()

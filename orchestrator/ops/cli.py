@@ -166,6 +166,7 @@ def web(port: int | None, host: str | None, dev: bool) -> None:
     from orchestrator.ops.processes import gunicorn_argv
 
     os.environ.setdefault("SAGA_PROCESS", "web")
+    _load_registry()
     cfg = settings()
     port, host = port or cfg.port, host or cfg.web_host
     from web import create_app
@@ -178,14 +179,53 @@ def web(port: int | None, host: str | None, dev: bool) -> None:
     os.execvp(argv[0], argv)
 
 
+class WorkerName(click.ParamType):
+    """``orchestrator`` or a service of the registry (read when the argument is parsed)."""
+
+    name = "worker"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from orchestrator import registry
+
+        try:  # no lock check here: the worker itself does that
+            known = registry.build().worker_names
+        except (ImportError, registry.RegistryError) as exc:
+            self.fail(f"the saga registry cannot be built: {exc}", param, ctx)
+        if value not in known:
+            self.fail(f"unknown worker {value!r}; the registry knows {', '.join(known)}", param, ctx)
+        return str(value)
+
+
+def _build_registry() -> Any:
+    """The registry without the lock check (for listing and locking), or exit 1 saying why."""
+    from orchestrator import registry
+
+    try:
+        return registry.build()
+    except (ImportError, registry.RegistryError) as exc:
+        _fail(f"the saga registry cannot be built: {exc}", code=1)
+
+
+def _load_registry() -> None:
+    """Build the registry and check the lock file: a changed released definition stops here."""
+    from orchestrator import registry
+    from orchestrator.kernel.versions import DefinitionChanged
+
+    try:
+        registry.load()
+    except (DefinitionChanged, registry.RegistryError, ImportError) as exc:
+        _fail(f"the saga registry is not valid: {exc}", code=1)
+
+
 @main.command()
-@click.argument("name", type=click.Choice(["orchestrator", "inventory", "payment", "orders"]))
+@click.argument("name", type=WorkerName())
 @click.option("--concurrency", type=int, default=None, help="default: $SAGA_WORKER_CONCURRENCY")
 @click.option("--pool", default="prefork", show_default=True)
 def worker(name: str, concurrency: int | None, pool: str) -> None:
-    """A Celery worker consuming exactly its service's queue."""
+    """A Celery worker consuming exactly its service's queue (orchestrator, or a service)."""
     from orchestrator.ops.processes import celery_worker_argv
 
+    _load_registry()
     os.environ.setdefault("SAGA_PROCESS", name)
     argv = celery_worker_argv(name, concurrency or settings().worker_concurrency, pool)
     os.execvp(argv[0], argv)
@@ -198,6 +238,7 @@ def relay() -> None:
     from orchestrator.ops.logs import setup_logging
 
     os.environ.setdefault("SAGA_PROCESS", "relay")
+    _load_registry()
     setup_logging("relay")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -209,6 +250,7 @@ def relay() -> None:
 def beat() -> None:
     """Celery beat: schedules the sweep (deadlines and unsent outbox rows)."""
     os.environ.setdefault("SAGA_PROCESS", "beat")
+    _load_registry()
     cfg = settings()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     schedule = str(cfg.beat_schedule or cfg.state_dir / f"beat-schedule-{os.getpid()}")
@@ -233,9 +275,10 @@ def beat() -> None:
 @click.option("--port", type=int, default=None, help="default: $PORT or 8000")
 def run(port: int | None) -> None:
     """Every process of the system on this machine; Ctrl-C stops them all."""
-    from orchestrator.ops.processes import PROCESS_TABLE, Supervisor
+    from orchestrator.ops.processes import Supervisor, process_table
 
     cfg = settings()
+    _load_registry()
     port = port or cfg.port
     env = {**os.environ, "PORT": str(port)}
 
@@ -251,7 +294,7 @@ def run(port: int | None) -> None:
             click.echo(f"Admin login:    {cfg.admin_user} / {password}")
         click.echo("Ctrl-C stops everything.\n")
 
-    sup = Supervisor.for_names(list(PROCESS_TABLE), env, port, say=click.echo)
+    sup = Supervisor.for_names(list(process_table()), env, port, say=click.echo)
     sys.exit(sup.run(on_ready=ready))
 
 
@@ -292,6 +335,38 @@ def audit(as_json: bool) -> None:
             click.echo(f"orphan dead letter {o['id']} from {o['queue']}: {o['reason']}")
         click.echo("ok" if report.ok else f"{len(report.violations)} violation(s)")
     sys.exit(0 if report.ok else EXIT_FAILED)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--lock", is_flag=True, help="record the fingerprints of new versions")
+def definitions(as_json: bool, lock: bool) -> None:
+    """Each saga definition and version: its fingerprint, its lock state, sagas in flight."""
+    from orchestrator.ops import definitions as defs
+
+    if lock:
+        from orchestrator.kernel import versions
+
+        added = versions.lock_new(_build_registry().definitions.values())
+        click.echo(f"locked: {', '.join(added)}" if added else "nothing new to lock")
+        return
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        rows = defs.listing(_build_registry())
+    except OperationalError as exc:
+        _fail(f"the database cannot be reached: {exc.orig}", code=3)
+    if as_json:
+        _print_json({"definitions": rows})
+        return
+    for r in rows:
+        click.echo(
+            f"{r['name']:<16} v{r['version']:<3} {(r['fingerprint'] or '-')[:16]:<16}  "
+            f"{r['lock']:<9} "
+            f"{r['steps']} steps, {r['in_flight']} in flight"
+        )
+    if any(r["lock"] != "locked" for r in rows):
+        sys.exit(1)
 
 
 @main.group()

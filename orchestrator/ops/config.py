@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     web_host: str = _env("SAGA_WEB_HOST", "127.0.0.1", min_length=1)
     # Comma-separated; empty: any Host header is answered (development).
     trusted_hosts: Annotated[tuple[str, ...], NoDecode] = _env("SAGA_TRUSTED_HOSTS", ())
+    # Extra saga registry modules every process loads at start (docs/extending.md).
+    registry_modules: Annotated[tuple[str, ...], NoDecode] = _env("SAGA_REGISTRY_MODULES", ())
     web_workers: int = _env("SAGA_WEB_WORKERS", 2, ge=1)
     web_threads: int = _env("SAGA_WEB_THREADS", 8, ge=1)
 
@@ -148,7 +150,7 @@ class Settings(BaseSettings):
         generated = _dev_secrets(info.data["state_dir"])[info.field_name or ""]
         return SecretStr(generated) if isinstance(value, SecretStr) else generated
 
-    @field_validator("trusted_hosts", mode="before")
+    @field_validator("trusted_hosts", "registry_modules", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):

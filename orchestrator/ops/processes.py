@@ -14,22 +14,32 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from orchestrator.messaging.topology import ORCHESTRATOR_QUEUE, SERVICES
+from orchestrator import registry
 
-# name -> sagactl arguments
-PROCESS_TABLE: dict[str, list[str]] = {
-    "web": ["web"],
-    "orchestrator": ["worker", "orchestrator"],
-    "relay": ["relay"],
-    **{service: ["worker", service] for service in SERVICES},
-    "beat": ["beat"],
-}
+ORCHESTRATOR_APP = "orchestrator.kernel.tasks"
 
-# worker name -> (Celery app module, queue)
-WORKERS: dict[str, tuple[str, str]] = {
-    "orchestrator": ("orchestrator.kernel.tasks", ORCHESTRATOR_QUEUE),
-    **{service: (f"workers.{service}", service) for service in SERVICES},
-}
+
+def process_table() -> dict[str, list[str]]:
+    """name -> sagactl arguments: the fixed processes, and one worker per registered service."""
+    return {
+        "web": ["web"],
+        "orchestrator": ["worker", registry.ORCHESTRATOR],
+        "relay": ["relay"],
+        **{service: ["worker", service] for service in registry.current().services},
+        "beat": ["beat"],
+    }
+
+
+def workers() -> dict[str, tuple[str, str]]:
+    """worker name -> (Celery app module, queue), from the registry."""
+    return {
+        registry.ORCHESTRATOR: (ORCHESTRATOR_APP, registry.ORCHESTRATOR_QUEUE),
+        **{s.name: (s.module, s.queue) for s in registry.current().services.values()},
+    }
+
+
+def is_worker(name: str) -> bool:
+    return name in workers()
 
 
 def sagactl(*args: str) -> list[str]:
@@ -37,7 +47,7 @@ def sagactl(*args: str) -> list[str]:
 
 
 def celery_worker_argv(name: str, concurrency: int, pool: str = "prefork") -> list[str]:
-    module, queue = WORKERS[name]
+    module, queue = workers()[name]
     return [
         sys.executable,
         "-m",
@@ -133,7 +143,7 @@ class Supervisor:
     ) -> Supervisor:
         children = []
         for name in names:
-            args = PROCESS_TABLE[name]
+            args = process_table()[name]
             if name == "web":
                 args = [*args, "--port", str(port)]
             children.append(Child(name, sagactl(*args), {**env, "SAGA_PROCESS": name}))

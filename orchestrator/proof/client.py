@@ -25,6 +25,14 @@ class Api:
         headers = {"Idempotency-Key": key} if key else {}
         return self.session.post(f"{self.url}/orders", json=body, headers=headers, timeout=30)
 
+    def return_order(
+        self, order_id: str, body: dict[str, Any] | None = None, key: str | None = None
+    ) -> requests.Response:
+        headers = {"Idempotency-Key": key} if key else {}
+        return self.session.post(
+            f"{self.url}/orders/{order_id}/return", json=body or {}, headers=headers, timeout=30
+        )
+
     def order(self, order_id: str) -> dict[str, Any]:
         r = self.session.get(
             f"{self.url}/orders/{order_id}", headers={"Accept": "application/json"}, timeout=30
@@ -62,3 +70,11 @@ class Api:
         for order_id in pending:
             done[order_id] = self.order(order_id)
         return done
+
+    def wait_returned(self, order_id: str, timeout_s: float) -> dict[str, Any]:
+        """Poll until the order's latest return saga is final (or the time is up)."""
+
+        def returned(view: dict[str, Any]) -> bool:
+            return bool(view["returns"]) and SagaState(view["returns"][-1]["state"]).final
+
+        return self.wait_final([order_id], timeout_s, final=returned)[order_id]

@@ -36,7 +36,13 @@ SCENARIOS: tuple[tuple[str, dict[str, Any], str], ...] = (
         },
         "cancelled/payment_declined",
     ),
+    (
+        "returned",  # confirmed, then returned: refunded, stock back on the shelf
+        {"items": [{"sku": "SKU-PEAR", "quantity": 1}], "payment": {"card_token": "tok_visa"}},
+        "returned",
+    ),
 )
+RETURNED = {label for label, _, expected in SCENARIOS if expected == "returned"}
 
 
 def run(url: str, count: int, timeout_s: float, say: Any, as_json: bool) -> dict[str, Any]:
@@ -59,9 +65,13 @@ def run(url: str, count: int, timeout_s: float, say: Any, as_json: bool) -> dict
             say(f"\rwaiting: {done}/{total} final", nl=False)
 
     views = api.wait_final([p[0] for p in placed], timeout_s, progress)
-    elapsed = time.monotonic() - started
     if not as_json:
         say("")
+    for order_id, label, _ in placed:
+        if label in RETURNED and views[order_id]["status"] == "confirmed":
+            api.return_order(order_id, {"reason": "demo: changed my mind"})
+            views[order_id] = api.wait_returned(order_id, timeout_s)
+    elapsed = time.monotonic() - started
     results = []
     for order_id, label, expected in placed:
         view = views[order_id]

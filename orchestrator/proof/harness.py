@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 from orchestrator.ops import failpoints
 from orchestrator.ops.config import settings
-from orchestrator.ops.processes import PROCESS_TABLE, sagactl
+from orchestrator.ops.processes import is_worker, process_table, sagactl
 
 # Short retries and deadlines for a system under test (tests, chaos): the contract's variables.
 SHORT_TIMINGS = {
@@ -42,14 +42,14 @@ SHORT_TIMINGS = {
     "SAGA_WORKER_CONCURRENCY": "2",
 }
 
-READY_MARKERS = {
-    "orchestrator": "ready.",
-    "inventory": "ready.",
-    "payment": "ready.",
-    "orders": "ready.",
-    "relay": "relay started",
-    "beat": "beat: Starting",
-}
+# What each process logs once it is ready; every Celery worker (the orchestrator and each
+# service of the registry) says "ready.".
+READY_MARKERS = {"relay": "relay started", "beat": "beat: Starting"}
+WORKER_READY = "ready."
+
+
+def ready_marker(base: str) -> str:
+    return WORKER_READY if is_worker(base) else READY_MARKERS[base]
 
 
 class ServiceMissing(RuntimeError):
@@ -174,7 +174,7 @@ class Processes:
         return f"http://127.0.0.1:{self.port}"
 
     def _argv(self, name: str, port: int) -> list[str]:
-        args = list(PROCESS_TABLE[name.split("#")[0]])
+        args = list(process_table()[name.split("#")[0]])
         if args[0] == "web":
             args += ["--port", str(port)]
         return sagactl(*args)
@@ -228,7 +228,7 @@ class Processes:
                         return
                 except requests.RequestException:
                     pass
-            elif READY_MARKERS[base] in self.output(name):
+            elif ready_marker(base) in self.output(name):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{name} not ready after {timeout_s}s:\n" + self.tail(name))
@@ -242,9 +242,9 @@ class Processes:
     def tail(self, name: str, lines: int = 40) -> str:
         return "\n".join(self.output(name).splitlines()[-lines:])
 
-    def start_all(self, names: Iterable[str] = tuple(PROCESS_TABLE)) -> None:
+    def start_all(self, names: Iterable[str] | None = None) -> None:
         """Start every process and wait until each is ready; on failure, stop them all again."""
-        names = list(names)
+        names = list(process_table() if names is None else names)
         try:
             for name in names:
                 self.start(name, wait=False)

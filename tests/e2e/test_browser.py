@@ -218,3 +218,28 @@ def test_pages_send_a_csp_they_comply_with(
     page.wait_for_timeout(300)
     assert page.evaluate("() => window.__inlineRan === undefined")
     assert console.csp_violations(), console.errors
+
+
+def test_a_confirmed_order_is_returned_from_its_page(
+    page: Page, system: Processes, api: Api, console: Console, shots: Path
+) -> None:
+    from web.presenters import STATUS_TEXT
+
+    sku = make_product(stock=10, price_cents=250)
+    order_id = place(api, order_body(sku, quantity=2))["order_id"]
+    assert wait_final(api, order_id)["status"] == "confirmed"
+    page.goto(f"/orders/{order_id}")
+    page.fill("#return-reason", "the wrong colour")
+    with page.expect_navigation() as nav:
+        page.click("#return-button")
+    response = nav.value
+    assert response is not None and response.status == 200
+    redirect = response.request.redirected_from
+    assert redirect is not None and redirect.method == "POST"
+    expect(page.locator("#order-status")).to_have_text("returned", timeout=LIVE_MS)
+    expect(page.locator("#order-explain")).to_have_text(STATUS_TEXT["returned"])
+    page.reload()
+    expect(page.locator("#returns li[data-saga-id] > .badge").first).to_have_text("completed")
+    expect(page.locator("#return-button")).to_have_count(0)  # returned: nothing to return
+    page.screenshot(path=str(shots / "order-returned.png"), full_page=True)
+    assert console.csp_violations() == []

@@ -10,11 +10,10 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from orchestrator.kernel import engine
 from orchestrator.messaging import fastpath
 from orchestrator.ops.config import settings
 from orchestrator.proof.client import Api
-from orchestrator.sagas.placing import place_order
+from orchestrator.sagas.placing import NewOrder, place_order
 from tests.integration.helpers import make_product, wait_final
 
 
@@ -35,7 +34,7 @@ def test_the_writers_next_transaction_carries_its_sent_marks(
 ) -> None:
     monkeypatch.setattr(fastpath, "MARK_EVERY_S", 3600.0)  # no idle flush: only carrying marks
     sku = make_product(stock=5)
-    first = place_order(engine.NewOrder("c-fast", [(sku, 1)], "tok_visa"))
+    first = place_order(NewOrder("c-fast", [(sku, 1)], "tok_visa"))
     # Published right after commit (the system runs the saga), not yet marked sent.
     assert outbox_rows(first.saga_id)[0] == ("inventory.reserve", None)
     make_product(stock=1)  # any next transaction of this process

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from orchestrator.messaging.topology import SERVICES
+from orchestrator import registry
 from orchestrator.proof.client import Api
 from orchestrator.proof.harness import Processes
 from tests.conftest import TEST_TIMINGS
@@ -31,6 +31,8 @@ from tests.integration.helpers import (
     records,
     wait_final,
 )
+
+SERVICES = tuple(registry.current().services)  # the participant services, from the registry
 
 STEP_BUDGET = int(TEST_TIMINGS["SAGA_RETRY_ATTEMPTS"])
 COMPENSATION_BUDGET = int(TEST_TIMINGS["SAGA_COMPENSATION_ATTEMPTS"])

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from models.db import transaction
 from models.outbox import OutboxMessage
-from orchestrator.messaging.topology import SERVICES
+from orchestrator import registry
 from orchestrator.proof.client import Api
 from orchestrator.proof.harness import Processes
 from tests.conftest import TEST_TIMINGS
@@ -23,6 +23,8 @@ from tests.integration.helpers import (
     product,
     wait_final,
 )
+
+SERVICES = tuple(registry.current().services)  # the participant services, from the registry
 
 
 def test_an_order_confirms_and_its_stock_is_sold(api: Api) -> None:

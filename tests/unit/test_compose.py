@@ -17,21 +17,24 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from orchestrator import registry
 from orchestrator.ops import cli, config
-from orchestrator.ops.processes import PROCESS_TABLE
+from orchestrator.ops.processes import process_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The contract's process table: name -> command.
+# The contract's process table: name -> command; one worker per service of the registry.
 CONTRACT_PROCESSES = {
     "web": "sagactl web",
     "orchestrator": "sagactl worker orchestrator",
     "relay": "sagactl relay",
-    "inventory": "sagactl worker inventory",
-    "payment": "sagactl worker payment",
-    "orders": "sagactl worker orders",
+    **{
+        service: f"sagactl worker {service}"
+        for service in registry.build(registry.BUILTIN).services
+    },
     "beat": "sagactl beat",
 }
+PROCESS_TABLE = process_table()
 # The contract's configuration table.
 CONTRACT_VARIABLES = {
     "DATABASE_URL",

@@ -17,8 +17,11 @@ from orchestrator.kernel.machine import (
     OperatorCompensate,
     OperatorRetry,
     RetryPolicy,
+    SagaDefinition,
     Snapshot,
+    Step,
     StepFailed,
+    StepKind,
     StepSucceeded,
     advance,
     initial,
@@ -184,3 +187,107 @@ def test_a_late_success_of_a_parked_compensation_resumes_the_rollback() -> None:
     assert (snap.state, snap.reason) == (SagaState.COMPENSATING, Reason.TIMEOUT)
     assert snap.steps[CHARGE].comp_status is C.SUCCEEDED
     assert commands == [Dispatch(RESERVE, "compensation")]
+
+
+# ---------------------------------------------------------------- pivot and retriable steps
+
+# A saga of every kind: begin (compensatable, done at start), refund (the pivot), two retriable.
+MIXED = SagaDefinition(
+    "mixed",
+    (
+        Step("orders.begin", compensation="orders.abort"),
+        Step("payment.pay", "payment.pay", kind=StepKind.PIVOT),
+        Step("inventory.put", "inventory.put", kind=StepKind.RETRIABLE),
+        Step("orders.finish", "orders.finish", kind=StepKind.RETRIABLE),
+    ),
+)
+BEGIN, PIVOT, PUT, FINISH = range(4)
+
+
+def mixed(*events: object) -> tuple[Snapshot, list[Dispatch]]:
+    snap, commands = initial(MIXED)
+    for event in events:
+        snap, commands = advance(MIXED, snap, event)  # type: ignore[arg-type]
+    return snap, commands
+
+
+def test_the_order_sagas_confirm_is_its_pivot() -> None:
+    assert ORDER_SAGA.pivot == CONFIRM
+    assert ORDER_SAGA.steps[CONFIRM].kind is StepKind.PIVOT
+
+
+def test_a_refused_pivot_compensates_the_steps_before_it() -> None:
+    snap, commands = mixed(StepFailed(PIVOT, Reason.RETRIES_EXHAUSTED, partial=False))
+    assert (snap.state, commands) == (SagaState.COMPENSATING, [Dispatch(BEGIN, "compensation")])
+    snap, commands = advance(MIXED, snap, CompensationSucceeded(BEGIN))
+    assert (snap.state, commands) == (SagaState.COMPENSATED, [])
+
+
+def test_a_pivot_whose_retries_ran_out_compensates_too() -> None:
+    snap, commands = mixed(StepFailed(PIVOT, Reason.RETRIES_EXHAUSTED, partial=True))
+    assert snap.state is SagaState.COMPENSATING
+    assert commands == [Dispatch(BEGIN, "compensation")]
+
+
+def test_a_pivot_whose_outcome_is_unknown_parks_and_never_compensates() -> None:
+    snap, commands = mixed(StepFailed(PIVOT, Reason.TIMEOUT, partial=True, unknown=True))
+    assert (snap.state, snap.reason, commands) == (SagaState.FAILED, Reason.TIMEOUT, [])
+    assert statuses(snap)[BEGIN] == (S.SUCCEEDED, C.PENDING)  # nothing undone
+    snap, commands = advance(MIXED, snap, OperatorRetry())
+    assert (snap.state, commands) == (SagaState.RUNNING, [Dispatch(PIVOT, "action")])
+
+
+def test_after_the_pivot_the_saga_only_goes_forward_to_completion() -> None:
+    snap, commands = mixed(StepSucceeded(PIVOT))
+    assert commands == [Dispatch(PUT, "action")]
+    snap, commands = advance(MIXED, snap, StepSucceeded(PUT))
+    assert commands == [Dispatch(FINISH, "action")]
+    snap, commands = advance(MIXED, snap, StepSucceeded(FINISH))
+    assert (snap.state, commands) == (SagaState.COMPLETED, [])
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        StepFailed(PUT, Reason.RETRIES_EXHAUSTED, partial=False),  # a refusal
+        StepFailed(PUT, Reason.RETRIES_EXHAUSTED, partial=True),  # dead-lettered
+        StepFailed(PUT, Reason.TIMEOUT, partial=True, unknown=True),  # out of time
+    ],
+)
+def test_a_retriable_step_that_gives_up_parks_and_is_never_compensated(failure: object) -> None:
+    snap, commands = mixed(StepSucceeded(PIVOT), failure)
+    assert (snap.state, commands) == (SagaState.FAILED, [])
+    assert snap.current == PUT
+    assert statuses(snap) == [
+        (S.SUCCEEDED, C.PENDING),
+        (S.SUCCEEDED, None),
+        (S.FAILED, None),
+        (S.PENDING, None),
+    ]
+
+
+def test_an_operator_retry_resumes_a_parked_retriable_step_with_a_fresh_request() -> None:
+    parked, _ = mixed(StepSucceeded(PIVOT), StepFailed(PUT, Reason.RETRIES_EXHAUSTED, False))
+    snap, commands = advance(MIXED, parked, OperatorRetry())
+    assert (snap.state, commands) == (SagaState.RUNNING, [Dispatch(PUT, "action", fresh=True)])
+    snap, commands = advance(MIXED, snap, StepSucceeded(PUT))
+    assert commands == [Dispatch(FINISH, "action")]
+
+
+def test_a_late_success_of_a_parked_retriable_step_carries_the_saga_on() -> None:
+    parked, _ = mixed(StepSucceeded(PIVOT), StepFailed(PUT, Reason.TIMEOUT, True, unknown=True))
+    snap, commands = advance(MIXED, parked, StepSucceeded(PUT))
+    assert (snap.state, commands) == (SagaState.RUNNING, [Dispatch(FINISH, "action")])
+
+
+def test_an_operator_compensate_after_the_pivot_does_not_apply() -> None:
+    snap, _ = mixed(StepSucceeded(PIVOT))
+    with pytest.raises(NotApplicable, match="pivot"):
+        advance(MIXED, snap, OperatorCompensate())
+
+
+def test_an_operator_compensate_while_the_pivot_is_in_flight_does_not_apply() -> None:
+    snap, commands = mixed()
+    assert commands == [Dispatch(PIVOT, "action")]
+    with pytest.raises(NotApplicable, match="in flight"):
+        advance(MIXED, snap, OperatorCompensate())

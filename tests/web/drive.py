@@ -17,11 +17,10 @@ from werkzeug.test import TestResponse
 
 from models.db import transaction
 from models.deadletters import DeadLetter
-from models.enums import DeadLetterState, SagaState
+from models.enums import DeadLetterState
 from models.sagas import SagaStep
 from orchestrator.kernel import engine
 from orchestrator.messaging.envelopes import ReplyOutcome
-from orchestrator.sagas.order import ORDER_SAGA
 from tests.web.conftest import valid_order
 
 
@@ -50,13 +49,12 @@ def answer(saga_id: str, outcome: ReplyOutcome, error: str | None = None) -> str
     with transaction() as session:
         saga = engine.lock_saga(session, uuid.UUID(saga_id))
         assert saga is not None
-        row = saga.steps[saga.current_step]
-        if saga.state is SagaState.RUNNING:
-            command = ORDER_SAGA.steps[saga.current_step].action
-            request_id, attempt = row.request_id, row.attempts
-        else:
-            command, request_id, attempt = row.compensation, row.comp_request_id, row.comp_attempts
-        assert command is not None and request_id is not None
+        kind = engine.current_kind(saga)
+        phase = saga.steps[saga.current_step].phase(kind)
+        definition = engine.registered_of(saga).definition
+        command = engine.command_of(definition, saga.current_step, kind)
+        request_id, attempt = phase.request_id, phase.attempts
+        assert request_id is not None
         engine.on_reply(session, saga, command, request_id, attempt, outcome, error=error)
         return saga.state.value
 

@@ -232,6 +232,16 @@ def test_dead_letter_and_ops_answers_match_the_description(
     checker(client.get("/openapi.json"), "/openapi.json")
 
 
+def test_a_return_matches_the_description(client: FlaskClient, checker: Checker) -> None:
+    from tests.web.test_returns import confirmed
+
+    placed = confirmed(client)
+    path = f"/orders/{placed['order_id']}/return"
+    checker(client.post(path, json={"reason": "too big"}), "/orders/{order_id}/return", "post")
+    checker(client.post(path, json={}), "/orders/{order_id}/return", "post")  # 409
+    checker(client.get(f"/orders/{placed['order_id']}", headers=JSON), "/orders/{order_id}")
+
+
 def test_every_json_operation_was_exercised(spec: dict[str, Any], checker: Checker) -> None:
     """Runs last in this module: each described JSON success answer was checked for real."""
     for path, operations in spec["paths"].items():

@@ -18,7 +18,7 @@
     status.className = "badge badge-" + order.status;
     text(document.getElementById("order-reason"), order.reason ? "· reason: " + order.reason.replace(/_/g, " ") : "");
     text(document.getElementById("saga-state"), order.saga.state);
-    var explain = order.status === "confirmed" ? texts.confirmed :
+    var explain = texts.statuses[order.status] ? texts.statuses[order.status] :
       (order.reason ? (order.status === "failed" ? texts.failed_prefix : "") + (texts.reasons[order.reason] || "") : texts.pending);
     text(document.getElementById("order-explain"), explain);
     var list = document.getElementById("steps");
@@ -43,7 +43,8 @@
       .then(function (r) { return r.json(); })
       .then(function (order) {
         render(order);
-        if (order.status === "pending" || order.saga.state === "running" || order.saga.state === "compensating") {
+        if (order.status === "pending" || order.status === "returning" ||
+            order.saga.state === "running" || order.saga.state === "compensating") {
           setTimeout(poll, 500);
         } else {
           section.dataset.final = "true";

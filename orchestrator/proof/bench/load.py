@@ -18,8 +18,9 @@ import requests
 
 from orchestrator.proof.bench.measure import Db, hops, latency_ms
 from orchestrator.proof.bench.options import Options, Say
+from orchestrator.registry import TimelineEvent as E
 
-FINAL_EVENTS = ["saga.completed", "saga.compensated", "saga.failed"]
+FINAL_EVENTS = [E.SAGA_COMPLETED.value, E.SAGA_COMPENSATED.value, E.SAGA_FAILED.value]
 PRODUCTS = 8  # orders spread over several rows, so stock row locks are not the bottleneck
 
 
@@ -134,11 +135,10 @@ def _order_body(i: int, skus: list[str]) -> dict[str, Any]:
 
 def saga_placer(mode: str, url: str, skus: list[str]) -> Callable[[int], str]:
     if mode == "direct":
-        from orchestrator.kernel import engine
         from orchestrator.sagas import placing as ordering
 
         def place_direct(i: int) -> str:
-            new = engine.NewOrder(customer_id=f"bench-{i}", items=[(skus[i % len(skus)], 1)],
+            new = ordering.NewOrder(customer_id=f"bench-{i}", items=[(skus[i % len(skus)], 1)],
                                   card_token="tok_visa")
             return str(ordering.place_order(new).saga_id)
 

@@ -19,10 +19,12 @@ import requests
 import sqlalchemy as sa
 
 from orchestrator.ops.config import settings
+from orchestrator.registry import TimelineEvent as E
 
 FINAL_STATES = ["completed", "compensated", "failed"]
 # One participant reply each (runs without dead letters or timeouts; the bench checks for those).
-REPLY_EVENTS = ["step.succeeded", "step.failed", "compensation.succeeded", "compensation.failed"]
+REPLY_EVENTS = [e.value for e in (E.STEP_SUCCEEDED, E.STEP_FAILED, E.COMPENSATION_SUCCEEDED,
+                                  E.COMPENSATION_FAILED)]
 
 
 # ---------------------------------------------------------------- statistics
@@ -90,7 +92,7 @@ def hops(db: Db, ids: list[str]) -> dict[str, dict[str, float]]:
     found = db.rows(
         "SELECT extract(epoch FROM o.sent_at - o.created_at)::float8, "
         "extract(epoch FROM e.at - o.sent_at)::float8 FROM outbox o JOIN saga_events e "
-        "ON e.saga_id = o.saga_id AND e.step = o.task AND e.event = 'step.succeeded' "
+        f"ON e.saga_id = o.saga_id AND e.step = o.task AND e.event = '{E.STEP_SUCCEEDED}' "
         "WHERE o.saga_id = ANY(%s::uuid[]) AND o.sent_at IS NOT NULL", (ids,))
     return {"relay_pickup": latency_ms([r[0] for r in found]),
             "sent_to_reply_applied": latency_ms([r[1] for r in found])}

@@ -18,7 +18,12 @@ from typing import Any
 from orchestrator.ops.config import settings
 from orchestrator.proof.bench.options import Options, Say
 
-PROFILED = ("web", "orchestrator", "relay", "inventory", "payment", "orders")
+
+def profiled() -> tuple[str, ...]:
+    """The processes a profile covers: the web, the relay and every worker of the registry."""
+    from orchestrator import registry
+
+    return ("web", "relay", *registry.current().worker_names)
 
 
 # ---------------------------------------------------------------- the system under test
@@ -105,7 +110,7 @@ def profiling(opts: Options, pids: dict[str, int], say: Say) -> Iterator[None]:
     out = Path(opts.profile_dir)
     out.mkdir(parents=True, exist_ok=True)
     spies = []
-    for name in PROFILED:
+    for name in profiled():
         if name in pids:
             argv = [exe, "record", "--pid", str(pids[name]), "--subprocesses", "--nonblocking",
                     "--format", "raw", "--output", str(out / f"{name}.txt")]

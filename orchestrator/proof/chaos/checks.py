@@ -15,13 +15,14 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 
 from models.db import transaction
+from orchestrator import registry
 from orchestrator.kernel import engine
 from orchestrator.kernel.machine import NotApplicable
 from orchestrator.messaging.envelopes import FAULT_FIRED
-from orchestrator.messaging.topology import SERVICES
 from orchestrator.ops import audit
 from orchestrator.proof.chaos.faults import rabbitmqctl
 from orchestrator.proof.chaos.load import Ledger, fault_kind
+from orchestrator.registry import TimelineEvent as E
 
 NOT_FINAL = "state IN ('running', 'compensating')"
 
@@ -79,16 +80,18 @@ def wait_settled(timeout_s: float, say: Callable[[str], None]) -> bool:
 class Parked(NamedTuple):
     saga_id: uuid.UUID
     order_id: str
-    compensation: str | None
-    fault: str | None  # the fault injected into that compensation, if any
+    parked: str | None  # the compensation, or the step itself (retriable, or an unknown pivot)
+    fault: str | None  # the fault injected into what is parked, if any
 
 
 def parked_sagas() -> list[Parked]:
-    """Failed sagas: the parked compensation and the fault injected into it, if any."""
+    """Failed sagas: what is parked and the fault injected into it, if any. What is parked is the
+    current step's compensation, or the step itself when its compensation is not the parked one."""
     rows = _rows("""
-        SELECT s.id, s.order_id::text, st.compensation,
-               s.context -> 'faults' ->> st.compensation
+        SELECT s.id, s.business_key, p.name, s.context -> 'faults' ->> p.name
         FROM sagas s JOIN saga_steps st ON st.saga_id = s.id AND st.idx = s.current_step
+        CROSS JOIN LATERAL (SELECT CASE WHEN st.comp_status = 'parked' THEN st.compensation
+                                        ELSE st.name END AS name) p
         WHERE s.state = 'failed'""")
     return [Parked(*r) for r in rows]
 
@@ -108,7 +111,7 @@ def parked_by_chaos(parked: list[Parked], budget: int) -> list[Parked]:
 def no_park_by_chaos(by_chaos: list[Parked]) -> Check:
     """A saga may park only when its order carried a permanent fault on that compensation."""
     return Check("no saga parked by a disruption", not by_chaos,
-                 [f"order {p.order_id}: {p.compensation} parked, injected fault {p.fault}"
+                 [f"order {p.order_id}: {p.parked} parked, injected fault {p.fault}"
                   for p in by_chaos[:20]] or None, tuple(p.order_id for p in by_chaos))
 
 
@@ -160,28 +163,30 @@ def saga_figures() -> dict[str, Any]:
     outcomes = {f"{status}/{reason}" if reason else status: n for status, reason, n in _rows(
         "SELECT status, reason, count(*) FROM orders GROUP BY status, reason ORDER BY 1, 2")}
     return {
-        "retries": events.get("step.retried", 0),
-        "timeouts": events.get("step.timed_out", 0),
-        "dead_lettered": events.get("step.dead_lettered", 0),
-        "compensations": events.get("compensation.succeeded", 0),
+        "retries": events.get(E.STEP_RETRIED, 0),
+        "timeouts": events.get(E.STEP_TIMED_OUT, 0),
+        "dead_lettered": events.get(E.STEP_DEAD_LETTERED, 0),
+        "compensations": events.get(E.COMPENSATION_SUCCEEDED, 0),
         "sagas_compensated": _scalar("SELECT count(*) FROM sagas WHERE state = 'compensated'"),
-        "parked": events.get("compensation.parked", 0),
+        "parked": events.get(E.COMPENSATION_PARKED, 0),
         "sagas_parked": _scalar("SELECT count(DISTINCT saga_id) FROM saga_events "
-                                "WHERE event = 'compensation.parked'"),
-        "operator_retries": events.get("operator.retry", 0),
+                                f"WHERE event = '{E.COMPENSATION_PARKED}'"),
+        "operator_retries": events.get(E.OPERATOR_RETRY, 0),
         "order_outcomes": outcomes,
         "dead_letters": {why: n for why, n in _rows(
             "SELECT split_part(reason, ':', 1), count(*) FROM dead_letters GROUP BY 1")},
     }
 
 
-def faults_fired(log_dir: Path, services: tuple[str, ...] = SERVICES) -> dict[str, dict[str, int]]:
+def faults_fired(
+    log_dir: Path, services: tuple[str, ...] | None = None
+) -> dict[str, dict[str, int]]:
     """What the participants say struck (their ``injected fault fired`` lines), by kind: the
     faults that fired (one per saga and step) and the attempts they struck (``transient:2``
     strikes twice, ``always`` every attempt)."""
     fired: set[tuple[str, str, str]] = set()
     strikes: Counter[str] = Counter()
-    for service in services:
+    for service in services or tuple(registry.current().services):
         for path in sorted(log_dir.glob(f"{service}*.log")):
             with open(path, encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -194,8 +199,8 @@ def faults_fired(log_dir: Path, services: tuple[str, ...] = SERVICES) -> dict[st
 
 
 def check_all(ledger: Ledger, vhost: str, queues_wait_s: float = 30) -> list[Check]:
-    return [_all_final(), _audit(), *_orders_present(ledger), *_effects_once(),
-            _dead_letters(), _outbox_sent(), queues_drained(vhost, queues_wait_s)]
+    return [_all_final(), _audit(), *_orders_present(ledger), _returns_present(ledger),
+            *_effects_once(), _dead_letters(), _outbox_sent(), queues_drained(vhost, queues_wait_s)]
 
 
 def queues_drained(vhost: str, wait_s: float) -> Check:
@@ -204,8 +209,18 @@ def queues_drained(vhost: str, wait_s: float) -> Check:
                  {q: {"ready": r, "unacked": u} for q, (r, u) in busy.items()} or None)
 
 
+def _returns_present(ledger: Ledger) -> Check:
+    """Every return the web accepted is a return saga of that order."""
+    in_db = {str(i): k for i, k in _rows("SELECT id, business_key FROM sagas "
+                                         "WHERE definition = 'return'")}
+    lost = sorted(s for s, order in ledger.returns.items() if in_db.get(s) != order)
+    return Check("no accepted return lost", not lost,
+                 {"accepted": len(ledger.returns), "lost": lost[:20]} if lost else None,
+                 tuple(ledger.returns[s] for s in lost))
+
+
 def _all_final() -> Check:
-    rows = _rows(f"SELECT order_id::text, state FROM sagas WHERE {NOT_FINAL}")
+    rows = _rows(f"SELECT business_key, state FROM sagas WHERE {NOT_FINAL}")
     return Check("every saga final", not rows, {"not_final": len(rows)} if rows else None,
                  tuple(r[0] for r in rows))
 
@@ -237,11 +252,11 @@ def _orders_present(ledger: Ledger) -> list[Check]:
 
 EFFECT_QUERIES = {
     # Twice the same transition in one saga would mean an effect observed twice.
-    "a step or compensation succeeded twice": """
-        SELECT s.order_id::text, e.event || ' ' || e.step || ' x' || count(*)
+    "a step or compensation succeeded twice": f"""
+        SELECT s.business_key, e.event || ' ' || e.step || ' x' || count(*)
         FROM saga_events e JOIN sagas s ON s.id = e.saga_id
-        WHERE e.event IN ('step.succeeded', 'compensation.succeeded')
-        GROUP BY s.order_id, e.event, e.step HAVING count(*) > 1""",
+        WHERE e.event IN ('{E.STEP_SUCCEEDED}', '{E.COMPENSATION_SUCCEEDED}')
+        GROUP BY s.business_key, e.event, e.step HAVING count(*) > 1""",
     "a charge or refund of another amount than the order total": """
         SELECT o.id::text,
                'charge ' || c.status || ' of ' || c.amount_cents || ' for ' || o.total_cents
@@ -251,12 +266,13 @@ EFFECT_QUERIES = {
     "a charge held by an order that is not confirmed or failed": """
         SELECT o.id::text, 'order ' || o.status || ' holds a charge'
         FROM charges c JOIN orders o ON o.id = c.order_id
-        WHERE c.status = 'charged' AND o.status NOT IN ('confirmed', 'failed')""",
+        WHERE c.status = 'charged' AND o.status NOT IN ('confirmed', 'failed', 'returning')""",
     "stock held for an order that is not confirmed or failed": """
         SELECT o.id::text, 'order ' || o.status || ' with reservation ' || r.status
         FROM reservations r JOIN orders o ON o.id = r.order_id
-        WHERE (r.status = 'sold' AND o.status <> 'confirmed')
-           OR (r.status = 'reserved' AND o.status <> 'failed')""",
+        WHERE (r.status = 'sold' AND o.status NOT IN ('confirmed', 'returning'))
+           OR (r.status = 'reserved' AND o.status <> 'failed')
+           OR (r.status = 'returned' AND o.status NOT IN ('returning', 'returned'))""",
     "product buckets differ from the reservations": """
         SELECT NULL, p.sku || ': reserved ' || p.reserved || ' vs ' || coalesce(x.reserved, 0)
                || ', sold ' || p.sold || ' vs ' || coalesce(x.sold, 0)
@@ -266,11 +282,15 @@ EFFECT_QUERIES = {
                    sum((l->>'quantity')::int) FILTER (WHERE r.status = 'sold') AS sold
             FROM reservations r, jsonb_array_elements(r.lines) l GROUP BY 1) x ON x.sku = p.sku
         WHERE p.reserved <> coalesce(x.reserved, 0) OR p.sold <> coalesce(x.sold, 0)""",
+    # Returns not yet taken back count as sold too.
     "stock sold differs from the confirmed orders": """
         SELECT NULL, p.sku || ': sold ' || p.sold || ' vs confirmed ' || coalesce(c.qty, 0)
         FROM products p LEFT JOIN (
             SELECT l.sku, sum(l.quantity) AS qty FROM order_lines l
-            JOIN orders o ON o.id = l.order_id WHERE o.status = 'confirmed' GROUP BY 1
+            JOIN orders o ON o.id = l.order_id
+            WHERE o.status = 'confirmed' OR (o.status = 'returning' AND EXISTS (
+                SELECT 1 FROM reservations r WHERE r.order_id = o.id AND r.status = 'sold'))
+            GROUP BY 1
         ) c ON c.sku = p.sku
         WHERE p.sold <> coalesce(c.qty, 0)""",
 }
@@ -287,7 +307,7 @@ def _effects_once() -> list[Check]:
 
 def _dead_letters() -> Check:
     rows = _rows("""
-        SELECT d.id, d.state, s.state, s.order_id::text, d.step
+        SELECT d.id, d.state, s.state, s.business_key, d.step
         FROM dead_letters d LEFT JOIN sagas s ON s.id = d.saga_id""")
     orphans = [r[0] for r in rows if r[2] is None and r[1] == "dead"]
     bad = [r for r in rows if r[1] == "dead" and r[2] is not None
@@ -314,7 +334,7 @@ def write_timelines(path: Path, order_ids: list[str], limit: int = 30) -> int:
             for row in _rows("""
                 SELECT e.at, e.event, e.step, e.attempt, e.detail, s.id, s.state
                 FROM saga_events e JOIN sagas s ON s.id = e.saga_id
-                WHERE s.order_id = CAST(:o AS uuid) ORDER BY e.id""", o=order_id):
+                WHERE s.business_key = :o ORDER BY e.id""", o=order_id):
                 f.write(f"{row[0].isoformat()} {row[1]:<24} {row[2] or '-':<18} "
                         f"#{row[3] or '-'} {row[4] or ''}  [saga {row[5]} {row[6]}]\n")
     return len(ids)

@@ -26,18 +26,27 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
+from orchestrator import registry
 from orchestrator.ops import failpoints
 from orchestrator.proof.chaos.load import SCARCE
 from orchestrator.proof.harness import Processes, Sandbox
 from orchestrator.sagas import catalog
 
-WORKERS = ("orchestrator", "inventory", "payment", "orders")
 # (action, weight)
 ACTIONS = (("kill", 40), ("kill_child", 14), ("close_connections", 12),
            ("terminate_backends", 12), ("failpoint", 8), ("restock", 8))
-# The web is killed too, less often: the client then sees connection errors and resends.
-KILL_TARGETS = (("orchestrator", 3), ("relay", 3), ("inventory", 2), ("payment", 2),
-                ("orders", 2), ("beat", 2), ("web", 1))
+
+
+def workers() -> tuple[str, ...]:
+    """Every Celery worker process: the orchestrator and each service of the registry."""
+    return tuple(registry.current().worker_names)
+
+
+def kill_targets() -> tuple[tuple[str, int], ...]:
+    """(process, weight). The web is killed too, less often: the client then sees connection
+    errors and resends."""
+    services = tuple((s, 2) for s in registry.current().services)
+    return (("orchestrator", 3), ("relay", 3), *services, ("beat", 2), ("web", 1))
 
 
 def rabbitmqctl(*args: str, timeout_s: float = 60) -> str:
@@ -119,10 +128,11 @@ class Disruptor:
     def _plan(self, action: str, rng: random.Random) -> tuple[str, Callable[[], object]]:
         """The target of one disruption and what doing it means (drawn from the run's seed)."""
         if action == "kill":
-            name = rng.choices([n for n, _ in KILL_TARGETS], [w for _, w in KILL_TARGETS])[0]
+            targets = kill_targets()
+            name = rng.choices([n for n, _ in targets], [w for _, w in targets])[0]
             return name, partial(self._kill_restart, name, rng.uniform(0, 2.0))
         if action == "kill_child":
-            name = rng.choice(WORKERS)
+            name = rng.choice(workers())
             return name, partial(self._kill_child, name, rng)
         if action == "close_connections":
             return self.box.name, partial(close_vhost_connections, self.box.name)

@@ -17,24 +17,47 @@ import requests
 
 from models.catalog import Product
 from models.db import transaction
+from orchestrator import registry
+from orchestrator.kernel.machine import Step
 from orchestrator.proof.client import Api
+from orchestrator.sagas.order import ORDER_SAGA
 
 BIG = (("SKU-CHAOS-APPLE", 250), ("SKU-CHAOS-BREAD", 120))
 SCARCE = ("SKU-CHAOS-SCARCE", 900)
 SCARCE_STOCK = 6
-STEPS = ("inventory.reserve", "payment.charge", "orders.confirm")
-# A compensation runs only when the saga turns back past it: the step refusal that gets it there.
-COMPENSATION_TRIGGERS = {
-    "inventory.release": ("payment.charge", "fail"),
-    "payment.refund": ("orders.confirm", "fail"),
-    "orders.cancel": ("inventory.reserve", "fail"),
-}
+
+
+def _order_steps() -> tuple[Step, ...]:
+    return registry.current().latest(ORDER_SAGA.name).definition.steps
+
+
+def fault_steps() -> tuple[str, ...]:
+    """The order saga's actions (from the registry): where a step fault goes."""
+    return tuple(s.action for s in _order_steps() if s.action)
+
+
+def compensation_triggers() -> dict[str, tuple[str, str]]:
+    """A compensation runs only when the saga turns back past it: the refusal of the next step
+    that gets it there, for each compensation of the order saga."""
+    steps = _order_steps()
+    triggers = {}
+    for i, step in enumerate(steps):
+        following = next((s.action for s in steps[i + 1:] if s.action), None)
+        if step.compensation and following:
+            triggers[step.compensation] = (following, "fail")
+    return triggers
+
 # (fault, weight). transient:4 outlives a 3-attempt budget: it ends like "always".
 FAULTS = (("transient:1", 3), ("transient:2", 3), ("transient:4", 1), ("always", 2), ("fail", 2),
           ("crash", 3), ("hang:2", 1), ("hang:6", 1))
 SCENARIOS = (("normal", 45), ("scarce", 12), ("declined", 10), ("step_fault", 20),
              ("compensation_fault", 13))
 POST_TRIES = 8
+# Every how many orders a confirmed one is returned, and the faults a return may carry (a refused
+# refund aborts it; the others are retried through).
+RETURN_EVERY = 6
+RETURN_FAULTS = (("transient:1", 3), ("crash", 2), ("hang:2", 1), ("fail", 1))
+RETURN_STEPS = ("payment.return_refund", "inventory.return_stock", "orders.complete_return")
 
 
 def fault_kind(fault: str) -> str:
@@ -68,11 +91,12 @@ def plan(rng: random.Random, customer_id: str) -> tuple[str, dict[str, Any]]:
     elif scenario == "declined":
         token = "tok_chargeDeclined"
     elif scenario == "step_fault":
-        faults[rng.choice(STEPS)] = _pick(rng, FAULTS)
+        faults[rng.choice(fault_steps())] = _pick(rng, FAULTS)
     elif scenario == "compensation_fault":
-        compensation = rng.choice(tuple(COMPENSATION_TRIGGERS))
+        triggers = compensation_triggers()
+        compensation = rng.choice(sorted(triggers))
         faults[compensation] = _pick(rng, FAULTS)
-        step, fault = COMPENSATION_TRIGGERS[compensation]
+        step, fault = triggers[compensation]
         faults[step] = fault
     body: dict[str, Any] = {"customer_id": customer_id, "items": lines,
                             "payment": {"card_token": token}}
@@ -93,6 +117,8 @@ class Ledger:
     faults: Counter[str] = field(default_factory=Counter)
     scenarios: Counter[str] = field(default_factory=Counter)
     planned: int = 0
+    returns: dict[str, str] = field(default_factory=dict)  # saga id of an accepted return -> order
+    return_answers: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, what: str) -> None:
@@ -113,6 +139,7 @@ class Ledger:
                 "planned": self.planned, "accepted": len(self.accepted),
                 "answers": dict(self.answers), "unanswered": len(self.unanswered),
                 "refused": self.refused[:20], "by_scenario": dict(self.scenarios),
+                "returns_accepted": len(self.returns), "return_answers": dict(self.return_answers),
             }
 
 
@@ -134,6 +161,48 @@ class Load:
             t = threading.Thread(target=self._loop, args=(i,), name=f"chaos-load-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        returner = threading.Thread(target=self._returns, name="chaos-returns", daemon=True)
+        returner.start()
+        self._threads.append(returner)
+
+    def _returns(self) -> None:
+        """Return one confirmed order of every RETURN_EVERY accepted, some with a fault."""
+        rng = random.Random(f"{self.seed}/returns")
+        api = Api.connect(self.url)
+        tried: set[str] = set()
+        while not self.stop.wait(RETURN_EVERY / self.rate):
+            with self.ledger.lock:
+                normal = [o for o, sc in self.ledger.accepted.items()
+                          if sc == "normal" and o not in tried]
+            if not normal:
+                continue
+            order_id = rng.choice(normal)
+            tried.add(order_id)
+            body: dict[str, Any] = {"reason": "chaos: a return"}
+            if rng.random() < 0.3:
+                body["faults"] = {rng.choice(RETURN_STEPS): _pick(rng, RETURN_FAULTS)}
+            self._return(api, order_id, body, f"{self.run_id}-return-{order_id}")
+
+    def _return(self, api: Api, order_id: str, body: dict[str, Any], key: str) -> None:
+        for attempt in range(POST_TRIES):
+            if attempt:
+                time.sleep(min(4.0, 0.25 * 2**attempt))
+            try:
+                response = api.return_order(order_id, body, key)
+            except requests.RequestException as exc:
+                self.ledger.return_answers[f"connection error ({type(exc).__name__})"] += 1
+                continue
+            code = _error_code(response) or str(response.status_code)
+            with self.ledger.lock:
+                self.ledger.return_answers[code if response.status_code >= 400 else "accepted"] += 1
+                if response.status_code in (200, 202):
+                    self.ledger.returns[response.json()["saga_id"]] = order_id
+                    for fault in (body.get("faults") or {}).values():
+                        self.ledger.faults[fault_kind(fault)] += 1
+                    return
+            if response.status_code >= 500 or code == "idempotency_in_flight":
+                continue
+            return  # e.g. not_returnable: the order is not confirmed (yet, or any more)
 
     def finish(self) -> None:
         self.stop.set()
