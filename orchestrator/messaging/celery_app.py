@@ -11,8 +11,19 @@
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
 
-from orchestrator.messaging.topology import SERVICE_QUEUES, TASK_EXCHANGE, queue_for_task
+from orchestrator.messaging.topology import TASK_EXCHANGE, queue_for_task, service_queues
 from orchestrator.ops.config import settings
+
+# kombu treats a nack during a quorum queue's leader election (about 0.3 s) as a connection error
+# and retries at once; Celery's default of 3 retries let 1-2 publishes fail there (FACTS.md). 40
+# retries spaced 0.05 s to 0.5 s apart ride out an election or a node's loss (about 15 s in
+# all) and still fail, loudly, when no node is left.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 40,
+    "interval_start": 0.0,
+    "interval_step": 0.05,
+    "interval_max": 0.5,
+}
 
 
 def _route(
@@ -26,7 +37,7 @@ def create_celery() -> Celery:
     cfg = settings()
     app = Celery("saga", broker=cfg.broker_url)
     app.conf.update(
-        task_queues=list(SERVICE_QUEUES.values()),
+        task_queues=list(service_queues().values()),
         task_default_exchange=TASK_EXCHANGE.name,
         task_default_exchange_type=TASK_EXCHANGE.type,
         task_default_queue="saga.orchestrator",
@@ -40,6 +51,7 @@ def create_celery() -> Celery:
         task_reject_on_worker_lost=True,
         task_default_delivery_mode="persistent",
         task_publish_retry=True,
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         worker_prefetch_multiplier=cfg.prefetch,
         worker_concurrency=cfg.worker_concurrency,
         worker_cancel_long_running_tasks_on_connection_loss=True,

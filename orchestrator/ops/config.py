@@ -33,6 +33,15 @@ def _int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _replicas() -> int:
+    """SAGA_QUEUE_REPLICAS: quorum queue replicas; every process must agree (the broker refuses
+    a declaration whose ``x-quorum-initial-group-size`` differs from the queue's)."""
+    value = _int("SAGA_QUEUE_REPLICAS", 1)
+    if value < 1:
+        raise ConfigError(f"SAGA_QUEUE_REPLICAS must be 1 or more, got {value}")
+    return value
+
+
 def state_dir() -> Path:
     """Where development secrets live, shared by every process of one user."""
     base = os.environ.get("SAGA_STATE_DIR") or os.path.join(
@@ -89,6 +98,7 @@ class Settings:
     outbox_grace_s: float
     worker_concurrency: int
     prefetch: int
+    queue_replicas: int
 
     @property
     def production(self) -> bool:
@@ -144,6 +154,7 @@ def load_settings() -> Settings:
         outbox_grace_s=_float("SAGA_OUTBOX_GRACE_S", 5.0),
         worker_concurrency=_int("SAGA_WORKER_CONCURRENCY", 2),
         prefetch=_int("SAGA_PREFETCH", 4),
+        queue_replicas=_replicas(),
     )
 
 

@@ -29,7 +29,7 @@ import psycopg
 from celery import Celery, chain
 from kombu import Connection, Exchange, Queue
 
-from orchestrator.messaging.topology import SERVICE_QUEUES
+from orchestrator.messaging.topology import service_queues
 from orchestrator.ops.config import settings
 
 TASKS = ("bench.reserve", "bench.charge", "bench.confirm")
@@ -50,7 +50,7 @@ def queue_name(task: str) -> str:
 def _queues() -> list[Queue]:
     # The saga's service queues' arguments (quorum, delivery limit, overflow), so both sides pay
     # the same per-message broker cost. Their dead-letter exchange does not exist here: unused.
-    arguments = dict(getattr(SERVICE_QUEUES["inventory"], "queue_arguments", None) or {})
+    arguments = dict(getattr(service_queues()["inventory"], "queue_arguments", None) or {})
     return [Queue(queue_name(t), EXCHANGE, routing_key=queue_name(t), durable=True,
                   queue_arguments=arguments) for t in (*TASKS, *FLOOR_TASKS)]
 
