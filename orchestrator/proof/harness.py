@@ -24,8 +24,9 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 
+from orchestrator.ops.cluster import Cluster
 from orchestrator.ops.config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL
-from orchestrator.ops.processes import PROCESS_TABLE, sagactl
+from orchestrator.ops.processes import PROCESS_TABLE, base_name, sagactl
 
 # Short retries and deadlines for a system under test (tests, chaos): the contract's variables.
 SHORT_TIMINGS = {
@@ -55,11 +56,24 @@ class ServiceMissing(RuntimeError):
     """PostgreSQL or RabbitMQ is not there: a run that needs them must fail, not skip."""
 
 
-def _rabbitmqctl(*args: str) -> None:
+def _rabbitmqctl(*args: str, timeout_s: float = 60) -> str:
     exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    result = subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout_s)
     if result.returncode != 0:
         raise ServiceMissing(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+# The broker the current sandbox lives on (set by ``use_sandbox``): None, the machine's node.
+_cluster: Cluster | None = None
+
+
+def broker_ctl(*args: str, timeout_s: float = 60) -> str:
+    """``rabbitmqctl`` against the broker of the current sandbox: a node of its own cluster when
+    it has one, else the machine's node (vhost-scoped commands only: never a node-wide one)."""
+    if _cluster is not None:
+        return _cluster.ctl(*args, timeout_s=timeout_s)
+    return _rabbitmqctl(*args, timeout_s=timeout_s)
 
 
 def free_port() -> int:
@@ -73,20 +87,36 @@ class Sandbox:
     name: str
     database_url: str
     broker_url: str
+    cluster: Cluster | None = None  # a RabbitMQ cluster of the run's own, else the machine's node
 
     @classmethod
-    def create(cls, prefix: str = "saga") -> Sandbox:
+    def create(
+        cls, prefix: str = "saga", cluster: Cluster | None = None, database_url: str | None = None
+    ) -> Sandbox:
+        """A vhost on ``cluster`` (else the machine's node) and a database on the server of
+        ``database_url`` (else ``SAGA_SANDBOX_DATABASE_URL`` or the default)."""
         name = f"{prefix}_{secrets.token_hex(4)}"
-        base_db = sa.make_url(os.environ.get("SAGA_SANDBOX_DATABASE_URL", DEFAULT_DATABASE_URL))
-        database_url = base_db.set(database=name).render_as_string(hide_password=False)
-        base_broker = os.environ.get("SAGA_SANDBOX_BROKER_URL", DEFAULT_BROKER_URL)
-        authority = base_broker.split("://", 1)[1].split("/", 1)[0]
-        broker_url = f"{base_broker.split('://', 1)[0]}://{authority}/{name}"
-        _rabbitmqctl("add_vhost", name)
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        box = cls(name, database_url, broker_url)
+        base_db = sa.make_url(
+            database_url or os.environ.get("SAGA_SANDBOX_DATABASE_URL", DEFAULT_DATABASE_URL)
+        )
+        db_url = base_db.set(database=name).render_as_string(hide_password=False)
+        if cluster is not None:
+            cluster.add_vhost(name)
+            broker_url = cluster.url_for_vhost(name)
+        else:
+            base_broker = os.environ.get("SAGA_SANDBOX_BROKER_URL", DEFAULT_BROKER_URL)
+            authority = base_broker.split("://", 1)[1].split("/", 1)[0]
+            broker_url = f"{base_broker.split('://', 1)[0]}://{authority}/{name}"
+            _rabbitmqctl("add_vhost", name)
+            _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        box = cls(name, db_url, broker_url, cluster)
         box.prepare()
         return box
+
+    @property
+    def queue_replicas(self) -> int:
+        """One replica per node of the run's cluster; 1 on the machine's single node."""
+        return len(self.cluster.nodes) if self.cluster is not None else 1
 
     def prepare(self) -> None:
         """Migrate and seed, in a child process so this one's cached settings stay untouched."""
@@ -103,6 +133,7 @@ class Sandbox:
             **os.environ,
             "DATABASE_URL": self.database_url,
             "BROKER_URL": self.broker_url,
+            "SAGA_QUEUE_REPLICAS": str(self.queue_replicas),
             **extra,
         }
 
@@ -110,23 +141,31 @@ class Sandbox:
         from orchestrator.ops.database import drop_database
 
         try:
-            _rabbitmqctl("delete_vhost", self.name)
+            if self.cluster is not None:
+                self.cluster.ctl("delete_vhost", self.name)
+            else:
+                _rabbitmqctl("delete_vhost", self.name)
         finally:
             drop_database(self.database_url)
 
 
 def use_sandbox(box: Sandbox) -> None:
     """Point this process's settings, database engine and Celery app at the sandbox."""
+    global _cluster
     from models import db
     from orchestrator.messaging.celery_app import app
+    from orchestrator.messaging.topology import service_queues
     from orchestrator.ops import config
 
     os.environ["DATABASE_URL"] = box.database_url
     os.environ["BROKER_URL"] = box.broker_url
+    os.environ["SAGA_QUEUE_REPLICAS"] = str(box.queue_replicas)
     config.settings.cache_clear()
     db.get_engine.cache_clear()
     db._factory.cache_clear()
     app.conf.broker_url = box.broker_url
+    app.conf.task_queues = list(service_queues().values())
+    _cluster = box.cluster
 
 
 @dataclass
@@ -153,7 +192,7 @@ class Processes:
         return f"http://127.0.0.1:{self.port}"
 
     def _argv(self, name: str, port: int) -> list[str]:
-        args = list(PROCESS_TABLE[name.split("#")[0]])
+        args = list(PROCESS_TABLE[base_name(name)])
         if args[0] == "web":
             args += ["--port", str(port)]
         return sagactl(*args)
@@ -274,25 +313,15 @@ class Processes:
 
 def close_broker_connections(vhost: str) -> int:
     """Close every AMQP connection of one vhost (as a network blip would). Returns how many."""
-    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    listed = subprocess.run(
-        [exe, "-q", "list_connections", "pid", "vhost"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    listed = broker_ctl("-q", "list_connections", "pid", "vhost")
     pids = [
         line.split("\t")[0]
         for line in listed.splitlines()
         if line.strip() and line.split("\t")[-1].strip() == vhost
     ]
     for pid in pids:
-        subprocess.run(
-            [exe, "-q", "close_connection", pid, "closed by a test"],
-            capture_output=True,
-            timeout=60,
-        )
+        with contextlib.suppress(Exception):  # it may have closed on its own
+            broker_ctl("-q", "close_connection", pid, "closed by a test")
     return len(pids)
 
 
