@@ -1,0 +1,238 @@
+"""Beyond one machine: a real three-node RabbitMQ cluster on loopback (``sagactl cluster``'s
+module), two of every process, and the loss of a broker node or of one instance of a process
+while the system is under load.
+
+The cluster, the sandbox and every process are torn down by the module fixture's finalizer, also
+when a test fails; the last test checks that no node process or folder of it is left.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from models.db import transaction
+from orchestrator.ops import audit
+from orchestrator.ops.cluster import Cluster, process_running
+from orchestrator.ops.processes import SCALABLE, instance_names
+from orchestrator.proof import harness
+from orchestrator.proof.chaos import checks
+from orchestrator.proof.chaos.broker_nodes import BrokerChaos
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import SHORT_TIMINGS, Processes, Sandbox, use_sandbox
+from tests.integration.helpers import make_product, order_body
+
+pytestmark = pytest.mark.own_system
+
+ORDERS = 200
+TWO_OF_EACH = dict.fromkeys(SCALABLE, 2)
+SWEEP_S = float(SHORT_TIMINGS["SAGA_SWEEP_S"])
+# Room for a loaded two-core machine to run the sweep once it is due (CPU, not design).
+SCHEDULING_SLACK_S = 3.0
+_RESTORED = ("DATABASE_URL", "BROKER_URL", "SAGA_QUEUE_REPLICAS")
+
+
+@pytest.fixture(scope="module")
+def cluster_system(artifacts: Path) -> Iterator[tuple[Cluster, Sandbox, Processes]]:
+    """Three nodes, a sandbox on them, two of every process. The finalizer always runs."""
+    saved = {name: os.environ.get(name) for name in _RESTORED}
+    saved_cluster = harness._cluster
+    os.environ.update(SHORT_TIMINGS)
+    cluster = Cluster.create(3)
+    box = procs = None
+    try:
+        box = Sandbox.create("sagatest", cluster=cluster)
+        use_sandbox(box)
+        procs = Processes(box, artifacts / "cluster-logs")
+        procs.start_all(instance_names(TWO_OF_EACH))
+        yield cluster, box, procs
+    finally:
+        from models.db import get_engine
+        from orchestrator.ops import config
+
+        if procs is not None:
+            procs.stop_all()
+        get_engine().dispose()
+        try:
+            if box is not None:
+                box.destroy()
+        finally:
+            cluster.stop()
+            for name, value in saved.items():  # the session's sandbox again, if it has one
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            harness._cluster = saved_cluster
+            config.settings.cache_clear()
+            get_engine.cache_clear()
+
+
+def _not_final() -> int:
+    with transaction() as session:
+        return int(session.scalar(sa.text(f"SELECT count(*) FROM sagas WHERE {checks.NOT_FINAL}")))
+
+
+def _wait_all_final(saga_ids: list[str], timeout_s: float) -> dict[str, str]:
+    """saga id -> state once every one is final (or the time is up)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with transaction() as session:
+            rows = session.execute(
+                sa.text("SELECT id::text, state FROM sagas WHERE id = ANY(CAST(:ids AS uuid[]))"),
+                {"ids": saga_ids},
+            ).all()
+        states = {r[0]: r[1] for r in rows}
+        if all(s in ("completed", "compensated", "failed") for s in states.values()) or (
+            time.monotonic() > deadline
+        ):
+            return states
+        time.sleep(0.5)
+
+
+def _place_all(api: Api, bodies: list[dict[str, Any]]) -> list[str]:
+    """Place each order (a connection error resends with the same key); the saga ids."""
+    saga_ids = []
+    for body in bodies:
+        key = str(uuid.uuid4())
+        for _ in range(10):
+            try:
+                response = api.place(body, key)
+            except Exception:  # the web is never killed here, but a slow machine may time out
+                time.sleep(0.5)
+                continue
+            if response.status_code in (200, 202):
+                saga_ids.append(response.json()["saga_id"])
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"order never accepted: {body}")
+    return saga_ids
+
+
+def _assert_everything_clean(box: Sandbox) -> None:
+    report = audit.run()
+    assert report.ok, report.violations[:20]
+    for check in (*checks._effects_once(), checks._dead_letters(), checks._outbox_sent()):
+        assert check.ok, (check.name, check.detail)
+    busy = checks.wait_queues_drained(box.name, timeout_s=60)
+    assert not busy, busy
+
+
+def test_two_of_everything_survive_the_sigkill_of_the_node_leading_the_queues(
+    cluster_system: tuple[Cluster, Sandbox, Processes],
+) -> None:
+    cluster, box, procs = cluster_system
+    api = Api.connect(procs.url)
+    sku = make_product(stock=ORDERS * 2)
+    nodes = BrokerChaos(cluster, box.name)
+    node, led = nodes.busiest_leader()
+    assert led, f"no service queue has a leader: {nodes.leaders()}"
+    killed: dict[str, Any] = {}
+
+    def kill_later() -> None:
+        while procs_placed["n"] < ORDERS // 4:  # under load: a quarter of the orders in
+            time.sleep(0.05)
+        killed.update(nodes.kill_leader(down_s=15))
+
+    stalled: list[str] = []
+    watching = threading.Event()
+
+    def watch() -> None:  # no saga may wait past its deadline for longer than a sweep
+        while not watching.wait(0.25):
+            stalled.extend(_stalled(SWEEP_S + SCHEDULING_SLACK_S))
+
+    procs_placed = {"n": 0}
+    killer = threading.Thread(target=kill_later, daemon=True)
+    killer.start()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    saga_ids = []
+    for _ in range(ORDERS):
+        saga_ids += _place_all(api, [order_body(sku)])
+        procs_placed["n"] += 1
+    killer.join(timeout=180)
+    assert killed, "the node was not killed and restarted"
+    assert killed["node"] == node.name and killed["led"], killed
+    assert killed["leaders_elsewhere_after_s"] is not None, killed
+    assert node.alive()  # restarted, and back in the cluster as a follower
+
+    states = _wait_all_final(saga_ids, timeout_s=180)
+    watching.set()
+    watcher.join()
+    assert not stalled, f"{len(set(stalled))} saga(s) waited past a deadline by over a sweep"
+    assert len(states) == ORDERS
+    assert set(states.values()) == {"completed"}, {
+        s: list(states.values()).count(s) for s in set(states.values())
+    }
+    with transaction() as session:
+        charges = session.execute(
+            sa.text(
+                "SELECT count(*), count(DISTINCT saga_id) FROM charges "
+                "WHERE saga_id = ANY(CAST(:ids AS uuid[])) AND status = 'charged'"
+            ),
+            {"ids": saga_ids},
+        ).one()
+    assert tuple(charges) == (ORDERS, ORDERS)  # one charge each, none twice
+    _assert_everything_clean(box)
+
+
+def _stalled(grace_s: float) -> list[str]:
+    """Sagas whose current step passed its deadline more than ``grace_s`` ago."""
+    with transaction() as session:
+        return [
+            r[0]
+            for r in session.execute(
+                sa.text(
+                    "SELECT s.id::text FROM sagas s JOIN saga_steps st"
+                    " ON st.saga_id = s.id AND st.idx = s.current_step"
+                    f" WHERE s.{checks.NOT_FINAL}"
+                    " AND st.deadline_at < now() - make_interval(secs => :grace)"
+                ),
+                {"grace": grace_s},
+            )
+        ]
+
+
+@pytest.mark.parametrize("kind", SCALABLE)
+def test_a_killed_instance_leaves_no_saga_stalled_while_its_twin_runs(
+    cluster_system: tuple[Cluster, Sandbox, Processes], kind: str
+) -> None:
+    _, box, procs = cluster_system
+    api = Api.connect(procs.url)
+    sku = make_product(stock=100)
+    twin = f"{kind}#2"
+    assert procs.alive(twin)
+    # hang:6 outlives the 4 s step deadline: only a sweep (the twin beat's, when beat is the
+    # one killed) re-sends it.
+    bodies = [order_body(sku) for _ in range(8)]
+    bodies += [order_body(sku, faults={"payment.charge": "hang:6"})]
+    saga_ids = _place_all(api, bodies)
+    procs.kill(kind)  # SIGKILL of the whole process group, work in hand included
+    worst: list[str] = []
+    deadline = time.monotonic() + 120
+    while _not_final() and time.monotonic() < deadline:
+        worst = worst or _stalled(SWEEP_S + SCHEDULING_SLACK_S)
+        time.sleep(0.25)
+    assert not worst, f"stalled past one sweep interval after {kind} was killed: {worst}"
+    states = _wait_all_final(saga_ids, timeout_s=5)
+    assert set(states.values()) == {"completed"}, states
+    procs.start(kind)
+    _assert_everything_clean(box)
+
+
+def test_the_cluster_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Its own cluster, started and stopped: no node process and no folder remain."""
+    with Cluster.create(1) as single:
+        root, pids = single.root, [n.pid() for n in single.nodes]
+        assert all(pids)
+    assert not root.exists()
+    assert not [pid for pid in pids if pid and process_running(pid)]
