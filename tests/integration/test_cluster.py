@@ -8,7 +8,10 @@ when a test fails; the last test checks that no node process or folder of it is 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -18,11 +21,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from kombu import Connection
 
 from models.db import transaction
 from orchestrator.ops import audit
 from orchestrator.ops.cluster import Cluster, process_running
-from orchestrator.ops.processes import SCALABLE, instance_names
+from orchestrator.ops.processes import SCALABLE, instance_names, sagactl
 from orchestrator.proof import harness
 from orchestrator.proof.chaos import checks
 from orchestrator.proof.chaos.broker_nodes import BrokerChaos
@@ -229,10 +233,31 @@ def test_a_killed_instance_leaves_no_saga_stalled_while_its_twin_runs(
     _assert_everything_clean(box)
 
 
-def test_the_cluster_leaves_nothing_behind(tmp_path: Path) -> None:
-    """Its own cluster, started and stopped: no node process and no folder remain."""
-    with Cluster.create(1) as single:
-        root, pids = single.root, [n.pid() for n in single.nodes]
-        assert all(pids)
+def test_sagactl_cluster_prints_its_url_and_leaves_nothing_behind_on_sigterm() -> None:
+    """``sagactl cluster --json``: a node that takes connections, then SIGTERM removes it all."""
+    proc = subprocess.Popen(
+        sagactl("cluster", "--nodes", "1", "--json"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:  # the JSON object ends with a closing brace on its own line
+            lines.append(line)
+            if line.rstrip() == "}":
+                break
+        shown = json.loads("".join(lines))
+        root = Path(shown["folder"])
+        pid = int((root / "rmq1" / "pid").read_text())
+        with Connection(shown["broker_url"], connect_timeout=10) as conn:
+            conn.connect()
+            assert conn.connected
+        assert shown["queue_replicas"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
     assert not root.exists()
-    assert not [pid for pid in pids if pid and process_running(pid)]
+    assert not process_running(pid)
