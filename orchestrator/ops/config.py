@@ -99,6 +99,7 @@ class Settings:
     worker_concurrency: int
     prefetch: int
     queue_replicas: int
+    trusted_hosts: tuple[str, ...]
 
     @property
     def production(self) -> bool:
@@ -155,6 +156,9 @@ def load_settings() -> Settings:
         worker_concurrency=_int("SAGA_WORKER_CONCURRENCY", 2),
         prefetch=_int("SAGA_PREFETCH", 4),
         queue_replicas=_replicas(),
+        trusted_hosts=tuple(
+            h.strip() for h in os.environ.get("SAGA_TRUSTED_HOSTS", "").split(",") if h.strip()
+        ),
     )
 
 
