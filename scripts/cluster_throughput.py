@@ -1,7 +1,7 @@
 """Sagas per second with the same processes on one RabbitMQ node and on a three-node cluster.
 
-For docs/scaling.md: ``.venv/bin/python scripts/cluster_throughput.py --nodes 1 --nodes 3``. Each
-run gets a cluster of its own (one node is a cluster of one: replicas 1), a fresh sandbox and two
+For docs/scaling.md, from the repository root (it borrows the integration tests' helpers):
+``PYTHONPATH=. .venv/bin/python scripts/cluster_throughput.py --nodes 1 --nodes 3``. Each run gets a cluster of its own (one node is a cluster of one: replicas 1), a fresh sandbox and two
 of every process; N orders are placed by a few threads as fast as the web takes them (closed
 loop); the figure is completed sagas / (last final - first placement). Also prints the database's
 commits per saga (``xact_commit``) and the CPU seconds of the RabbitMQ nodes.

@@ -189,6 +189,31 @@ def test_two_of_everything_survive_the_sigkill_of_the_node_leading_the_queues(
     _assert_everything_clean(box)
 
 
+def test_two_intakes_record_each_dead_letter_once(
+    cluster_system: tuple[Cluster, Sandbox, Processes],
+) -> None:
+    """Both orchestrators drain the dead-letter queues: each dead command is one row, and its saga
+    compensates once."""
+    _, box, procs = cluster_system
+    api = Api.connect(procs.url)
+    sku = make_product(stock=50)
+    bodies = [order_body(sku, faults={"payment.charge": "always"}) for _ in range(6)]
+    saga_ids = _place_all(api, bodies)
+    states = _wait_all_final(saga_ids, timeout_s=120)
+    assert set(states.values()) == {"compensated"}, states
+    with transaction() as session:
+        rows = session.execute(
+            sa.text(
+                "SELECT saga_id::text, count(*), count(DISTINCT fingerprint) FROM dead_letters"
+                " WHERE saga_id = ANY(CAST(:ids AS uuid[])) GROUP BY 1"
+            ),
+            {"ids": saga_ids},
+        ).all()
+    assert {r[0] for r in rows} == set(saga_ids)
+    assert all(r[1] == 1 for r in rows), rows  # one letter per dead command, none twice
+    _assert_everything_clean(box)
+
+
 def _stalled(grace_s: float) -> list[str]:
     """Sagas whose current step passed its deadline more than ``grace_s`` ago."""
     with transaction() as session:
