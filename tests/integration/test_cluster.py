@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 from kombu import Connection
 
 from models.db import transaction
+from orchestrator.messaging.topology import SERVICE_QUEUE_NAMES
 from orchestrator.ops import audit
 from orchestrator.ops.cluster import Cluster, process_running
 from orchestrator.ops.processes import SCALABLE, instance_names, sagactl
@@ -214,6 +216,54 @@ def test_two_intakes_record_each_dead_letter_once(
     _assert_everything_clean(box)
 
 
+_DECLARE = (
+    "from kombu import Connection\n"
+    "from orchestrator.messaging.topology import declare_all\n"
+    "from orchestrator.ops.config import settings\n"
+    "with Connection(settings().broker_url, connect_timeout=10) as conn:\n"
+    "    conn.connect()\n"
+    "    declare_all(conn.default_channel)\n"
+)
+
+
+def _declaring(url: str, replicas: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "BROKER_URL": url, "SAGA_QUEUE_REPLICAS": str(replicas)}
+    return subprocess.Popen(
+        [sys.executable, "-c", _DECLARE],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_many_processes_declare_the_topology_at_once_with_the_replica_count(
+    cluster_system: tuple[Cluster, Sandbox, Processes],
+) -> None:
+    cluster = cluster_system[0]
+    vhost = f"sagadeclare_{uuid.uuid4().hex[:8]}"
+    cluster.add_vhost(vhost)
+    try:
+        url = cluster.url_for_vhost(vhost)
+        racing = [_declaring(url, 3) for _ in range(8)]  # all at once, on a fresh vhost
+        outcomes = [(p.wait(timeout=120), p.communicate()[0]) for p in racing]
+        assert all(code == 0 for code, _ in outcomes), [out[-800:] for _, out in outcomes]
+        listed = cluster.ctl("-q", "list_queues", "-p", vhost, "name", "type", "members")
+        members = {
+            line.split("\t")[0]: line.split("\t")[2].count("@")
+            for line in listed.splitlines()
+            if line.count("\t") == 2
+        }
+        expected = {*SERVICE_QUEUE_NAMES, *(f"{q}.dead" for q in SERVICE_QUEUE_NAMES)}
+        assert {q: members.get(q) for q in expected} == dict.fromkeys(expected, 3)
+        # Every process must agree on SAGA_QUEUE_REPLICAS: the broker refuses another count.
+        other = _declaring(url, 1)
+        assert other.wait(timeout=120) != 0
+        assert "x-quorum-initial-group-size" in other.communicate()[0]
+    finally:
+        cluster.ctl("delete_vhost", vhost)
+
+
 def _stalled(grace_s: float) -> list[str]:
     """Sagas whose current step passed its deadline more than ``grace_s`` ago."""
     with transaction() as session:
@@ -254,6 +304,15 @@ def test_a_killed_instance_leaves_no_saga_stalled_while_its_twin_runs(
     assert not worst, f"stalled past one sweep interval after {kind} was killed: {worst}"
     states = _wait_all_final(saga_ids, timeout_s=5)
     assert set(states.values()) == {"completed"}, states
+    with transaction() as session:  # two beats, two sweeps a tick: the deadline acted on once
+        timed_out = session.scalar(
+            sa.text(
+                "SELECT count(*) FROM saga_events WHERE saga_id = CAST(:s AS uuid)"
+                " AND event = 'step.timed_out'"
+            ),
+            {"s": saga_ids[-1]},
+        )
+    assert timed_out == 1
     procs.start(kind)
     _assert_everything_clean(box)
 
