@@ -5,9 +5,10 @@ where each service has its own ``<queue>.dead`` queue. The delivery limit ends r
 message that kills its worker. The task exchange is a topic exchange because Celery's native delayed
 delivery (retries with a countdown, held by the broker, not in worker memory) requires one.
 
-Each quorum queue starts with ``SAGA_QUEUE_REPLICAS`` replicas (``x-quorum-initial-group-size``),
-read when the queues are built, so a process pointed at another broker (``use_sandbox``) declares
-what the processes it talks to declare. Declaring is idempotent: many processes may declare at
+Each quorum queue starts with ``SAGA_QUEUE_REPLICAS`` replicas (``x-quorum-initial-group-size``;
+not sent when the setting is unset, so queues declared before it existed stay acceptable), read
+when the queues are built, so a process pointed at another broker (``use_sandbox``) declares what
+the processes it talks to declare. Declaring is idempotent: many processes may declare at
 once, as long as they agree on the arguments (the broker refuses an inequivalent one).
 """
 
@@ -30,7 +31,11 @@ def dead_letter_queue_name(queue: str) -> str:
     return f"{queue}.dead"
 
 
-def _service_queue(name: str, replicas: int) -> Queue:
+def replicas_argument(replicas: int | None) -> dict[str, int]:
+    return {} if replicas is None else {"x-quorum-initial-group-size": replicas}
+
+
+def _service_queue(name: str, replicas: int | None) -> Queue:
     return Queue(
         name,
         TASK_EXCHANGE,
@@ -43,19 +48,19 @@ def _service_queue(name: str, replicas: int) -> Queue:
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
             "x-delivery-limit": DELIVERY_LIMIT,
-            "x-quorum-initial-group-size": replicas,
+            **replicas_argument(replicas),
         },
     )
 
 
-def _dead_letter_queue(name: str, replicas: int) -> Queue:
+def _dead_letter_queue(name: str, replicas: int | None) -> Queue:
     dead = dead_letter_queue_name(name)
     return Queue(
         dead,
         DEAD_LETTER_EXCHANGE,
         routing_key=dead,
         durable=True,
-        queue_arguments={"x-queue-type": "quorum", "x-quorum-initial-group-size": replicas},
+        queue_arguments={"x-queue-type": "quorum", **replicas_argument(replicas)},
     )
 
 

@@ -33,9 +33,13 @@ def _int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
 
 
-def _replicas() -> int:
+def _replicas() -> int | None:
     """SAGA_QUEUE_REPLICAS: quorum queue replicas; every process must agree (the broker refuses
-    a declaration whose ``x-quorum-initial-group-size`` differs from the queue's)."""
+    a declaration whose ``x-quorum-initial-group-size`` differs from the queue's). Unset: the
+    argument is not sent, so queues declared before the setting existed are still accepted and
+    RabbitMQ's default applies (every node of the cluster: 1 on a single node)."""
+    if os.environ.get("SAGA_QUEUE_REPLICAS", "") == "":
+        return None
     value = _int("SAGA_QUEUE_REPLICAS", 1)
     if value < 1:
         raise ConfigError(f"SAGA_QUEUE_REPLICAS must be 1 or more, got {value}")
@@ -98,7 +102,7 @@ class Settings:
     outbox_grace_s: float
     worker_concurrency: int
     prefetch: int
-    queue_replicas: int
+    queue_replicas: int | None  # None: not sent, RabbitMQ's default
     trusted_hosts: tuple[str, ...]
 
     @property

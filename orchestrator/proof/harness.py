@@ -114,9 +114,13 @@ class Sandbox:
         return box
 
     @property
-    def queue_replicas(self) -> int:
-        """One replica per node of the run's cluster; 1 on the machine's single node."""
-        return len(self.cluster.nodes) if self.cluster is not None else 1
+    def queue_replicas(self) -> int | None:
+        """One replica per node of the run's cluster; on the machine's node, unset (its default)."""
+        return len(self.cluster.nodes) if self.cluster is not None else None
+
+    def replicas_env(self) -> dict[str, str]:
+        replicas = self.queue_replicas
+        return {} if replicas is None else {"SAGA_QUEUE_REPLICAS": str(replicas)}
 
     def prepare(self) -> None:
         """Migrate and seed, in a child process so this one's cached settings stay untouched."""
@@ -133,7 +137,7 @@ class Sandbox:
             **os.environ,
             "DATABASE_URL": self.database_url,
             "BROKER_URL": self.broker_url,
-            "SAGA_QUEUE_REPLICAS": str(self.queue_replicas),
+            **self.replicas_env(),
             **extra,
         }
 
@@ -159,7 +163,8 @@ def use_sandbox(box: Sandbox) -> None:
 
     os.environ["DATABASE_URL"] = box.database_url
     os.environ["BROKER_URL"] = box.broker_url
-    os.environ["SAGA_QUEUE_REPLICAS"] = str(box.queue_replicas)
+    os.environ.pop("SAGA_QUEUE_REPLICAS", None)
+    os.environ.update(box.replicas_env())
     config.settings.cache_clear()
     db.get_engine.cache_clear()
     db._factory.cache_clear()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import pytest
 
 from orchestrator.messaging.outbox import rotated
@@ -32,3 +35,46 @@ def test_a_publisher_can_start_at_any_node_of_a_cluster_url() -> None:
     assert rotated(url, 1) == "amqp://b//;amqp://c//;amqp://a//"
     assert rotated(url, 5) == "amqp://c//;amqp://a//;amqp://b//"
     assert rotated("amqp://only//", 7) == "amqp://only//"
+
+
+@pytest.fixture
+def replicas(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str | None], dict[str, Any]]]:
+    """Set SAGA_QUEUE_REPLICAS, read the queue arguments the topology would declare."""
+    from orchestrator.messaging.topology import dead_letter_queues, service_queues
+    from orchestrator.ops.config import settings
+
+    def arguments(value: str | None) -> dict[str, Any]:
+        if value is None:
+            monkeypatch.delenv("SAGA_QUEUE_REPLICAS", raising=False)
+        else:
+            monkeypatch.setenv("SAGA_QUEUE_REPLICAS", value)
+        settings.cache_clear()
+        return {
+            **dict(service_queues()["payment"].queue_arguments or {}),
+            "dead": dict(dead_letter_queues()["payment"].queue_arguments or {}),
+        }
+
+    yield arguments
+    settings.cache_clear()
+
+
+def test_replicas_go_to_every_quorum_queue(replicas: Any) -> None:
+    declared = replicas("3")
+    assert declared["x-quorum-initial-group-size"] == 3
+    assert declared["dead"]["x-quorum-initial-group-size"] == 3
+
+
+def test_unset_replicas_send_no_argument_so_older_queues_stay_acceptable(replicas: Any) -> None:
+    # A queue declared before the setting existed has no such argument, and RabbitMQ refuses a
+    # re-declaration that adds one (PRECONDITION_FAILED, seen on 3.10).
+    declared = replicas(None)
+    assert "x-quorum-initial-group-size" not in declared
+    assert "x-quorum-initial-group-size" not in declared["dead"]
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "three"])
+def test_replicas_below_one_or_not_a_number_stop_the_process(replicas: Any, bad: str) -> None:
+    from orchestrator.ops.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        replicas(bad)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.messaging import outbox
-from orchestrator.messaging.topology import SERVICE_QUEUE_NAMES, TASK_EXCHANGE
+from orchestrator.messaging.topology import SERVICE_QUEUE_NAMES, TASK_EXCHANGE, replicas_argument
 from orchestrator.ops.cluster import Cluster, ClusterError, Node
 
 PROBE_QUEUE = "chaos.probe"
@@ -118,7 +118,7 @@ class PublishProbe:
     unconfirmed publish to the next confirmed one."""
 
     broker_url: str
-    replicas: int
+    replicas: int | None
     started: float = field(default_factory=time.monotonic)
     windows: list[tuple[float, float]] = field(default_factory=list)  # (start at_s, seconds)
     attempts: int = 0
@@ -142,7 +142,7 @@ class PublishProbe:
         with Connection(self.broker_url, connect_timeout=2) as conn:
             Queue(PROBE_QUEUE, TASK_EXCHANGE, routing_key=PROBE_QUEUE, durable=True,
                   queue_arguments={"x-queue-type": "quorum", "x-max-length": 100,
-                                   "x-quorum-initial-group-size": self.replicas}
+                                   **replicas_argument(self.replicas)}
                   ).bind(conn.default_channel).declare()  # fmt: skip
 
     def _delete_queue(self) -> None:
