@@ -125,6 +125,8 @@ def _place_all(api: Api, bodies: list[dict[str, Any]]) -> list[str]:
 
 
 def _assert_everything_clean(box: Sandbox) -> None:
+    # The last sent marks are written up to half a second after their publish (fastpath.py).
+    assert checks.wait_settled(60, lambda _: None), "sagas or outbox rows still pending"
     report = audit.run()
     assert report.ok, report.violations[:20]
     for check in (*checks._effects_once(), checks._dead_letters(), checks._outbox_sent()):
