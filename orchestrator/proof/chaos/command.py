@@ -57,7 +57,8 @@ def run(opts: Options, say: Callable[[str], None]) -> dict[str, Any]:
     with contextlib.ExitStack() as owned:  # servers of the run's own: stopped and removed last
         cluster = pg = None
         # A broker restart needs a broker of the run's own: one private node at least.
-        nodes = opts.broker_nodes or (1 if opts.allow_broker_restart else 0)
+        restarts = opts.allow_broker_restart and opts.duration_s >= LONG_FORM_S
+        nodes = opts.broker_nodes or (1 if restarts else 0)
         if nodes:
             cluster = Cluster.create(nodes, say=say)
             owned.callback(cluster.stop)
