@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,22 +155,51 @@ class Sandbox:
 
 def use_sandbox(box: Sandbox) -> None:
     """Point this process's settings, database engine and Celery app at the sandbox."""
+    os.environ["DATABASE_URL"] = box.database_url
+    os.environ["BROKER_URL"] = box.broker_url
+    os.environ.pop("SAGA_QUEUE_REPLICAS", None)
+    os.environ.update(box.replicas_env())
+    _reload(box.cluster)
+
+
+_SANDBOX_VARIABLES = ("DATABASE_URL", "BROKER_URL", "SAGA_QUEUE_REPLICAS")
+
+
+def _reload(cluster: Cluster | None) -> None:
+    """Settings, engine, session factory and Celery app read the environment again."""
     global _cluster
     from models import db
     from orchestrator.messaging.celery_app import app
     from orchestrator.messaging.topology import service_queues
     from orchestrator.ops import config
 
-    os.environ["DATABASE_URL"] = box.database_url
-    os.environ["BROKER_URL"] = box.broker_url
-    os.environ.pop("SAGA_QUEUE_REPLICAS", None)
-    os.environ.update(box.replicas_env())
     config.settings.cache_clear()
     db.get_engine.cache_clear()
     db._factory.cache_clear()
-    app.conf.broker_url = box.broker_url
+    app.conf.broker_url = config.settings().broker_url
     app.conf.task_queues = list(service_queues().values())
-    _cluster = box.cluster
+    _cluster = cluster
+
+
+@contextlib.contextmanager
+def sandbox_in_use(box: Sandbox) -> Iterator[Sandbox]:
+    """``use_sandbox`` for a while (a test module on a cluster of its own), then back to whatever
+    this process used before, e.g. the test session's shared sandbox."""
+    from models.db import get_engine
+
+    saved = {name: os.environ.get(name) for name in _SANDBOX_VARIABLES}
+    saved_cluster = _cluster
+    use_sandbox(box)
+    try:
+        yield box
+    finally:
+        get_engine().dispose()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _reload(saved_cluster)
 
 
 @dataclass

@@ -8,6 +8,7 @@ when a test fails; the last test checks that no node process or folder of it is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,11 +30,10 @@ from orchestrator.messaging.topology import SERVICE_QUEUE_NAMES
 from orchestrator.ops import audit
 from orchestrator.ops.cluster import Cluster, process_running
 from orchestrator.ops.processes import SCALABLE, instance_names, sagactl
-from orchestrator.proof import harness
 from orchestrator.proof.chaos import checks
 from orchestrator.proof.chaos.broker_nodes import BrokerChaos
 from orchestrator.proof.client import Api
-from orchestrator.proof.harness import SHORT_TIMINGS, Processes, Sandbox, use_sandbox
+from orchestrator.proof.harness import SHORT_TIMINGS, Processes, Sandbox, sandbox_in_use
 from tests.integration.helpers import make_product, order_body
 
 pytestmark = pytest.mark.own_system
@@ -43,43 +43,22 @@ TWO_OF_EACH = dict.fromkeys(SCALABLE, 2)
 SWEEP_S = float(SHORT_TIMINGS["SAGA_SWEEP_S"])
 # Room for a loaded two-core machine to run the sweep once it is due (CPU, not design).
 SCHEDULING_SLACK_S = 3.0
-_RESTORED = ("DATABASE_URL", "BROKER_URL", "SAGA_QUEUE_REPLICAS")
 
 
 @pytest.fixture(scope="module")
 def cluster_system(artifacts: Path) -> Iterator[tuple[Cluster, Sandbox, Processes]]:
-    """Three nodes, a sandbox on them, two of every process. The finalizer always runs."""
-    saved = {name: os.environ.get(name) for name in _RESTORED}
-    saved_cluster = harness._cluster
+    """Three nodes, a sandbox on them, two of every process. The finalizers always run, and
+    leave this process pointed at what it used before (the session's sandbox, if any)."""
     os.environ.update(SHORT_TIMINGS)
-    cluster = Cluster.create(3)
-    box = procs = None
-    try:
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(Cluster.create(3))
         box = Sandbox.create("sagatest", cluster=cluster)
-        use_sandbox(box)
+        stack.callback(box.destroy)
+        stack.enter_context(sandbox_in_use(box))
         procs = Processes(box, artifacts / "cluster-logs")
+        stack.callback(procs.stop_all)
         procs.start_all(instance_names(TWO_OF_EACH))
         yield cluster, box, procs
-    finally:
-        from models.db import get_engine
-        from orchestrator.ops import config
-
-        if procs is not None:
-            procs.stop_all()
-        get_engine().dispose()
-        try:
-            if box is not None:
-                box.destroy()
-        finally:
-            cluster.stop()
-            for name, value in saved.items():  # the session's sandbox again, if it has one
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-            harness._cluster = saved_cluster
-            config.settings.cache_clear()
-            get_engine.cache_clear()
 
 
 def _not_final() -> int:
