@@ -20,6 +20,17 @@ from orchestrator import registry
 from orchestrator.messaging.topology import TASK_EXCHANGE, queue_for_task, service_queues
 from orchestrator.ops.config import Settings, settings
 
+# kombu treats a nack during a quorum queue's leader election (about 0.3 s) as a connection error
+# and retries at once; Celery's default of 3 retries let 1-2 publishes fail there (FACTS.md). 40
+# retries spaced 0.05 s to 0.5 s apart ride out an election or a node's loss (about 15 s in
+# all) and still fail, loudly, when no node is left.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 40,
+    "interval_start": 0.0,
+    "interval_step": 0.05,
+    "interval_max": 0.5,
+}
+
 
 def _route(
     name: str, args: object, kwargs: object, options: object, task: object = None, **kw: object
@@ -48,6 +59,7 @@ def celery_settings(cfg: Settings) -> dict[str, Any]:
         task_reject_on_worker_lost=True,
         task_default_delivery_mode="persistent",
         task_publish_retry=True,
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         worker_prefetch_multiplier=cfg.prefetch,
         worker_concurrency=cfg.worker_concurrency,
         worker_cancel_long_running_tasks_on_connection_loss=True,

@@ -26,6 +26,7 @@ from models.db import run_in_transaction, transaction
 from models.deadletters import DeadLetter
 from models.enums import DeadLetterState, Reason
 from orchestrator.kernel import engine
+from orchestrator.messaging.celery_app import PUBLISH_RETRY_POLICY
 from orchestrator.messaging.topology import TASK_EXCHANGE, dead_letter_queues, declare_all
 from orchestrator.ops.config import settings
 from orchestrator.ops.masking import mask_text
@@ -272,7 +273,7 @@ def replay(letter_id: int, actor: str) -> None:
             correlation_id=props.get("correlation_id"),
             delivery_mode=2,
             retry=True,
-            retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1},
+            retry_policy=PUBLISH_RETRY_POLICY,
         )
     _resolve(letter_id, DeadLetterState.REPLAYED, actor)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import select
 import time
 import uuid
@@ -128,11 +129,24 @@ def to_wire(row: Any) -> _Wire:
     )
 
 
+def rotated(url: str, start: int) -> str:
+    """A ``;``-separated list of broker nodes (kombu's failover syntax), starting at ``start``."""
+    nodes = url.split(";")
+    first = start % len(nodes)
+    return ";".join(nodes[first:] + nodes[:first])
+
+
 class ConfirmingPublisher:
-    """Publishes a batch on one channel in confirm mode and waits for every confirm at the end."""
+    """Publishes a batch on one channel in confirm mode and waits for every confirm at the end.
+
+    With several broker nodes in the URL, each publisher starts at a random one (connections
+    spread over the cluster) and, after a failure, reconnects starting at the next one: kombu
+    skips a dead node on connect, and a node that is merely paused is left behind at once.
+    """
 
     def __init__(self, url: str, connect_timeout_s: float = 5.0) -> None:
         self._url = url
+        self._start = random.randrange(len(url.split(";")))
         self._connect_timeout_s = connect_timeout_s
         self._conn: amqp.Connection | None = None
         self._channel: Any = None
@@ -144,7 +158,7 @@ class ConfirmingPublisher:
         from kombu import Connection
 
         kconn = Connection(
-            self._url,
+            rotated(self._url, self._start),
             connect_timeout=self._connect_timeout_s,
             transport_options={"confirm_publish": False},
         )
@@ -190,9 +204,11 @@ class ConfirmingPublisher:
             raise RuntimeError(f"broker refused {len(self._nacked)} message(s)")
 
     def close(self) -> None:
+        """Drop the connection; the next publish connects again, starting at the next node."""
         if self._conn is not None:
             with contextlib.suppress(Exception):  # closing a dead connection: nothing to save
                 self._kombu.release()
+            self._start += 1
         self._conn = None
         self._channel = None
 

@@ -4,11 +4,18 @@ Every service queue is a durable quorum queue that dead-letters (at least once) 
 where each service has its own ``<queue>.dead`` queue. The delivery limit ends redelivery loops of a
 message that kills its worker. The task exchange is a topic exchange because Celery's native delayed
 delivery (retries with a countdown, held by the broker, not in worker memory) requires one.
+
+Each quorum queue starts with ``SAGA_QUEUE_REPLICAS`` replicas (``x-quorum-initial-group-size``;
+not sent when the setting is unset, so queues declared before it existed stay acceptable), read
+when the queues are built, so a process pointed at another broker (``use_sandbox``) declares what
+the processes it talks to declare. Declaring is idempotent: many processes may declare at
+once, as long as they agree on the arguments (the broker refuses an inequivalent one).
 """
 
 from kombu import Exchange, Queue
 
 from orchestrator import registry
+from orchestrator.ops.config import settings
 
 TASK_EXCHANGE = Exchange("saga", type="topic", durable=True)
 DEAD_LETTER_EXCHANGE = Exchange("saga.dlx", type="direct", durable=True)
@@ -28,7 +35,11 @@ def dead_letter_queue_name(queue: str) -> str:
     return f"{queue}.dead"
 
 
-def _service_queue(name: str) -> Queue:
+def replicas_argument(replicas: int | None) -> dict[str, int]:
+    return {} if replicas is None else {"x-quorum-initial-group-size": replicas}
+
+
+def _service_queue(name: str, replicas: int | None) -> Queue:
     return Queue(
         name,
         TASK_EXCHANGE,
@@ -41,28 +52,32 @@ def _service_queue(name: str) -> Queue:
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
             "x-delivery-limit": DELIVERY_LIMIT,
+            **replicas_argument(replicas),
         },
     )
 
 
-def _dead_letter_queue(name: str) -> Queue:
+def _dead_letter_queue(name: str, replicas: int | None) -> Queue:
     dead = dead_letter_queue_name(name)
     return Queue(
         dead,
         DEAD_LETTER_EXCHANGE,
         routing_key=dead,
         durable=True,
-        queue_arguments={"x-queue-type": "quorum"},
+        queue_arguments={"x-queue-type": "quorum", **replicas_argument(replicas)},
     )
 
 
 def service_queues() -> dict[str, Queue]:
-    return {name: _service_queue(name) for name in service_queue_names()}
+    """The task queues, with the configured replica count."""
+    replicas = settings().queue_replicas
+    return {name: _service_queue(name, replicas) for name in service_queue_names()}
 
 
 def dead_letter_queues() -> dict[str, Queue]:
     """Not in Celery's task_queues: only the orchestrator's dead-letter intake consumes these."""
-    return {name: _dead_letter_queue(name) for name in service_queue_names()}
+    replicas = settings().queue_replicas
+    return {name: _dead_letter_queue(name, replicas) for name in service_queue_names()}
 
 
 def queue_for_task(task_name: str) -> str:

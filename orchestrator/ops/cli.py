@@ -271,16 +271,73 @@ def beat() -> None:
     )
 
 
+def _scale_option(value: str | None) -> dict[str, int]:
+    from orchestrator.ops.processes import ScaleError, parse_scale
+
+    try:
+        return parse_scale(value)
+    except ScaleError as exc:
+        raise click.BadParameter(str(exc), param_hint="--scale") from exc
+
+
+SCALE_HELP = "several instances, e.g. orchestrator=2,inventory=2,payment=2,orders=2,relay=2,beat=2"
+
+
+@main.command()
+@click.option("--nodes", type=click.IntRange(1, 9), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the cluster as one JSON object")
+def cluster(nodes: int, as_json: bool) -> None:
+    """A local RabbitMQ cluster on loopback (never the machine's own node); Ctrl-C removes it."""
+    from orchestrator.ops.cluster import Cluster, ClusterError
+
+    say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        local = Cluster.create(nodes, say=say)
+    except ClusterError as exc:
+        _fail(str(exc), code=3)
+    try:
+        if as_json:
+            _print_json({"broker_url": local.broker_url, "queue_replicas": nodes,
+                         "nodes": [{"name": n.name, "port": n.port} for n in local.nodes],
+                         "folder": str(local.root)})  # fmt: skip
+        else:
+            click.echo(f"BROKER_URL='{local.broker_url}'")
+            click.echo(f"SAGA_QUEUE_REPLICAS={nodes}")
+            click.echo("Ctrl-C stops the nodes and removes their folder.")
+        sys.stdout.flush()
+        stop.wait()
+    finally:
+        local.stop()
+
+
 @main.command()
 @click.option("--port", type=int, default=None, help="default: $PORT or 8000")
-def run(port: int | None) -> None:
+@click.option(
+    "--broker-nodes",
+    type=click.IntRange(0, 9),
+    default=0,
+    help="start a RabbitMQ cluster of N nodes of its own (sagactl cluster) and use it",
+)
+@click.option("--scale", "scale_text", default=None, help=SCALE_HELP)
+def run(port: int | None, broker_nodes: int, scale_text: str | None) -> None:
     """Every process of the system on this machine; Ctrl-C stops them all."""
-    from orchestrator.ops.processes import Supervisor, process_table
+    from orchestrator.ops.processes import Supervisor, instance_names
 
+    scale = _scale_option(scale_text)
     cfg = settings()
     _load_registry()
     port = port or cfg.port
     env = {**os.environ, "PORT": str(port)}
+    local = None
+    if broker_nodes:
+        from orchestrator.ops.cluster import Cluster
+
+        local = Cluster.create(broker_nodes, say=click.echo)
+        env.update(BROKER_URL=local.broker_url, SAGA_QUEUE_REPLICAS=str(broker_nodes))
+        click.echo(f"BROKER_URL='{local.broker_url}'")
 
     def ready() -> None:
         from orchestrator.ops.processes import wait_for_http
@@ -294,8 +351,13 @@ def run(port: int | None) -> None:
             click.echo(f"Admin login:    {cfg.admin_user} / {password}")
         click.echo("Ctrl-C stops everything.\n")
 
-    sup = Supervisor.for_names(list(process_table()), env, port, say=click.echo)
-    sys.exit(sup.run(on_ready=ready))
+    sup = Supervisor.for_names(instance_names(scale), env, port, say=click.echo)
+    try:
+        code = sup.run(on_ready=ready)
+    finally:
+        if local is not None:
+            local.stop()
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------- operations
@@ -468,18 +530,33 @@ def prune(days: float, as_json: bool) -> None:
 @click.option(
     "--allow-broker-restart",
     is_flag=True,
-    help="restart RabbitMQ once (runs of 300s or more; every broker user feels it)",
+    help="restart a RabbitMQ node of the run's own once (runs of 300s or more; without "
+    "--broker-nodes the run starts one node of its own)",
 )
 @click.option("--drain-timeout", "drain_timeout_s", type=float, default=180, show_default=True)
 @click.option(
     "--log-dir", type=click.Path(file_okay=False), default=None, help="default: ./artifacts/chaos"
 )
 @click.option("--keep", is_flag=True, help="keep the sandbox database and vhost")
+@click.option(
+    "--broker-nodes",
+    type=click.IntRange(0, 9),
+    default=0,
+    help="run on a RabbitMQ cluster of N nodes of its own; 3 or more adds node kills and pauses",
+)
+@click.option("--scale", default=None, help=SCALE_HELP)
+@click.option(
+    "--allow-db-restart",
+    is_flag=True,
+    help="run on a PostgreSQL of its own (initdb on another port) and restart it once",
+)
 @click.option("--json", "as_json", is_flag=True)
 @needs("database", "broker", sandbox=True)
 def chaos(as_json: bool, **options: Any) -> None:
     """Run the system in a sandbox under load, kills and faults; check every invariant after."""
     from orchestrator.proof.chaos import command as chaos_mod
+
+    _scale_option(options["scale"])
 
     report = chaos_mod.run(chaos_mod.Options(**options), say=lambda m: click.echo(m, err=True))
     if as_json:

@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     outbox_grace_s: float = _env("SAGA_OUTBOX_GRACE_S", 5.0, ge=0)
     worker_concurrency: int = _env("SAGA_WORKER_CONCURRENCY", 2, ge=1)
     prefetch: int = _env("SAGA_PREFETCH", 4, ge=1)
+    # Quorum queue replicas (x-quorum-initial-group-size); every process must agree, since the broker
+    # refuses a declaration that differs from the queue's. Unset: the argument is not sent, so
+    # queues declared before the setting existed are still accepted (RabbitMQ's default applies).
+    queue_replicas: int | None = _env("SAGA_QUEUE_REPLICAS", None, ge=1)
     # Far above any legitimate task (milliseconds) and the test faults' hang:S (a few seconds).
     task_time_limit_s: float = _env("SAGA_TASK_TIME_LIMIT_S", 90.0, gt=0)
     task_soft_time_limit_s: float = _env("SAGA_TASK_SOFT_TIME_LIMIT_S", 60.0, ge=0)
@@ -119,6 +123,8 @@ class Settings(BaseSettings):
 
     # --- proof tools and test-only knobs
     rabbitmq_api: str | None = _env("SAGA_RABBITMQ_API")  # bench: management API for counts
+    rabbitmq_bin: Path = _env("SAGA_RABBITMQ_BIN", Path("/usr/lib/rabbitmq/bin"))  # sagactl cluster
+    pg_bin: Path = _env("SAGA_PG_BIN", Path("/usr/lib/postgresql/15/bin"))  # chaos --allow-db-restart
     sandbox_database_url: str = _env("SAGA_SANDBOX_DATABASE_URL", DEFAULT_DATABASE_URL)
     sandbox_broker_url: str = _env("SAGA_SANDBOX_BROKER_URL", DEFAULT_BROKER_URL)
     failpoints_dir: Path | None = _env("SAGA_FAILPOINTS_DIR")

@@ -42,6 +42,48 @@ def is_worker(name: str) -> bool:
     return name in workers()
 
 
+def scalable() -> tuple[str, ...]:
+    """Kinds that may run several instances side by side (the web has one port: not scaled here)."""
+    return tuple(name for name in process_table() if name != "web")
+
+
+class ScaleError(ValueError):
+    """A ``--scale`` value that names an unknown process or a count below 1."""
+
+
+def parse_scale(text: str | None) -> dict[str, int]:
+    """``orchestrator=2,relay=2`` -> ``{"orchestrator": 2, "relay": 2}``."""
+    scale: dict[str, int] = {}
+    kinds = scalable()
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, count = part.partition("=")
+        name = name.strip()
+        if not sep or name not in kinds or not count.strip().isdigit() or int(count) < 1:
+            raise ScaleError(
+                f"--scale wants NAME=N (N >= 1) with NAME one of {', '.join(kinds)}; "
+                f"got {part.strip()!r}"
+            )
+        scale[name] = int(count)
+    return scale
+
+
+def instance_names(scale: dict[str, int] | None = None) -> list[str]:
+    """Every process of the table, ``name#2``, ``name#3``... for the scaled ones."""
+    scale = scale or {}
+    names = []
+    for name in process_table():
+        names.append(name)
+        names += [f"{name}#{i}" for i in range(2, scale.get(name, 1) + 1)]
+    return names
+
+
+def base_name(instance: str) -> str:
+    """``relay#2`` -> ``relay``."""
+    return instance.split("#", 1)[0]
+
+
 def sagactl(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.ops.cli", *args]
 
@@ -143,7 +185,7 @@ class Supervisor:
     ) -> Supervisor:
         children = []
         for name in names:
-            args = process_table()[name]
+            args = process_table()[base_name(name)]
             if name == "web":
                 args = [*args, "--port", str(port)]
             children.append(Child(name, sagactl(*args), {**env, "SAGA_PROCESS": name}))

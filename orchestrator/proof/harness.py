@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ import requests
 import sqlalchemy as sa
 
 from orchestrator.ops import failpoints
+from orchestrator.ops.cluster import Cluster
 from orchestrator.ops.config import settings
-from orchestrator.ops.processes import is_worker, process_table, sagactl
+from orchestrator.ops.processes import base_name, is_worker, process_table, sagactl
 
 # Short retries and deadlines for a system under test (tests, chaos): the contract's variables.
 SHORT_TIMINGS = {
@@ -56,11 +57,24 @@ class ServiceMissing(RuntimeError):
     """PostgreSQL or RabbitMQ is not there: a run that needs them must fail, not skip."""
 
 
-def _rabbitmqctl(*args: str) -> None:
+def _rabbitmqctl(*args: str, timeout_s: float = 60) -> str:
     exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    result = subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout_s)
     if result.returncode != 0:
         raise ServiceMissing(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+# The broker the current sandbox lives on (set by ``use_sandbox``): None, the machine's node.
+_cluster: Cluster | None = None
+
+
+def broker_ctl(*args: str, timeout_s: float = 60) -> str:
+    """``rabbitmqctl`` against the broker of the current sandbox: a node of its own cluster when
+    it has one, else the machine's node (vhost-scoped commands only: never a node-wide one)."""
+    if _cluster is not None:
+        return _cluster.ctl(*args, timeout_s=timeout_s)
+    return _rabbitmqctl(*args, timeout_s=timeout_s)
 
 
 def free_port() -> int:
@@ -74,23 +88,46 @@ class Sandbox:
     name: str
     database_url: str
     broker_url: str
+    cluster: Cluster | None = None  # a RabbitMQ cluster of the run's own, else the machine's node
 
     @classmethod
-    def create(cls, prefix: str = "saga", *, prepare: bool = True) -> Sandbox:
-        """A fresh vhost and database, migrated and seeded; ``prepare=False``: an empty vhost and
-        no database at all (what ``sagactl db upgrade`` finds on a new machine)."""
+    def create(
+        cls,
+        prefix: str = "saga",
+        cluster: Cluster | None = None,
+        database_url: str | None = None,
+        *,
+        prepare: bool = True,
+    ) -> Sandbox:
+        """A fresh vhost on ``cluster`` (else the machine's node) and database on the server of
+        ``database_url`` (else ``SAGA_SANDBOX_DATABASE_URL``), migrated and seeded;
+        ``prepare=False``: an empty vhost and no database at all (what ``sagactl db upgrade``
+        finds on a new machine)."""
         name = f"{prefix}_{secrets.token_hex(4)}"
-        base_db = sa.make_url(settings().sandbox_database_url)
-        database_url = base_db.set(database=name).render_as_string(hide_password=False)
-        base_broker = settings().sandbox_broker_url
-        authority = base_broker.split("://", 1)[1].split("/", 1)[0]
-        broker_url = f"{base_broker.split('://', 1)[0]}://{authority}/{name}"
-        _rabbitmqctl("add_vhost", name)
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        box = cls(name, database_url, broker_url)
+        base_db = sa.make_url(database_url or settings().sandbox_database_url)
+        db_url = base_db.set(database=name).render_as_string(hide_password=False)
+        if cluster is not None:
+            cluster.add_vhost(name)
+            broker_url = cluster.url_for_vhost(name)
+        else:
+            base_broker = settings().sandbox_broker_url
+            authority = base_broker.split("://", 1)[1].split("/", 1)[0]
+            broker_url = f"{base_broker.split('://', 1)[0]}://{authority}/{name}"
+            _rabbitmqctl("add_vhost", name)
+            _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        box = cls(name, db_url, broker_url, cluster)
         if prepare:
             box.prepare()
         return box
+
+    @property
+    def queue_replicas(self) -> int | None:
+        """One replica per node of the run's cluster; on the machine's node, unset (its default)."""
+        return len(self.cluster.nodes) if self.cluster is not None else None
+
+    def replicas_env(self) -> dict[str, str]:
+        replicas = self.queue_replicas
+        return {} if replicas is None else {"SAGA_QUEUE_REPLICAS": str(replicas)}
 
     def prepare(self) -> None:
         """Migrate and seed, in a child process so this one's cached settings stay untouched."""
@@ -107,6 +144,7 @@ class Sandbox:
             **os.environ,
             "DATABASE_URL": self.database_url,
             "BROKER_URL": self.broker_url,
+            **self.replicas_env(),
             **extra,
         }
 
@@ -114,23 +152,61 @@ class Sandbox:
         from orchestrator.ops.database import drop_database
 
         try:
-            _rabbitmqctl("delete_vhost", self.name)
+            if self.cluster is not None:
+                self.cluster.ctl("delete_vhost", self.name)
+            else:
+                _rabbitmqctl("delete_vhost", self.name)
         finally:
             drop_database(self.database_url)
 
 
 def use_sandbox(box: Sandbox) -> None:
     """Point this process's settings, database engine and Celery app at the sandbox."""
-    from models import db
-    from orchestrator.messaging.celery_app import app
-    from orchestrator.ops import config
-
     os.environ["DATABASE_URL"] = box.database_url
     os.environ["BROKER_URL"] = box.broker_url
+    os.environ.pop("SAGA_QUEUE_REPLICAS", None)
+    os.environ.update(box.replicas_env())
+    _reload(box.cluster)
+
+
+_SANDBOX_VARIABLES = ("DATABASE_URL", "BROKER_URL", "SAGA_QUEUE_REPLICAS")
+
+
+def _reload(cluster: Cluster | None) -> None:
+    """Settings, engine, session factory and Celery app read the environment again."""
+    global _cluster
+    from models import db
+    from orchestrator.messaging.celery_app import app
+    from orchestrator.messaging.topology import service_queues
+    from orchestrator.ops import config
+
     config.settings.cache_clear()
     db.get_engine.cache_clear()
     db._factory.cache_clear()
-    app.conf.broker_url = box.broker_url
+    app.conf.broker_url = config.settings().broker_url
+    app.conf.task_queues = list(service_queues().values())
+    _cluster = cluster
+
+
+@contextlib.contextmanager
+def sandbox_in_use(box: Sandbox) -> Iterator[Sandbox]:
+    """``use_sandbox`` for a while (a test module on a cluster of its own), then back to whatever
+    this process used before, e.g. the test session's shared sandbox."""
+    from models.db import get_engine
+
+    saved = {name: os.environ.get(name) for name in _SANDBOX_VARIABLES}
+    saved_cluster = _cluster
+    use_sandbox(box)
+    try:
+        yield box
+    finally:
+        get_engine().dispose()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _reload(saved_cluster)
 
 
 @dataclass
@@ -174,7 +250,7 @@ class Processes:
         return f"http://127.0.0.1:{self.port}"
 
     def _argv(self, name: str, port: int) -> list[str]:
-        args = list(process_table()[name.split("#")[0]])
+        args = list(process_table()[base_name(name)])
         if args[0] == "web":
             args += ["--port", str(port)]
         return sagactl(*args)
@@ -330,25 +406,15 @@ class Processes:
 
 def close_broker_connections(vhost: str) -> int:
     """Close every AMQP connection of one vhost (as a network blip would). Returns how many."""
-    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    listed = subprocess.run(
-        [exe, "-q", "list_connections", "pid", "vhost"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    listed = broker_ctl("-q", "list_connections", "pid", "vhost")
     pids = [
         line.split("\t")[0]
         for line in listed.splitlines()
         if line.strip() and line.split("\t")[-1].strip() == vhost
     ]
     for pid in pids:
-        subprocess.run(
-            [exe, "-q", "close_connection", pid, "closed by a test"],
-            capture_output=True,
-            timeout=60,
-        )
+        with contextlib.suppress(Exception):  # it may have closed on its own
+            broker_ctl("-q", "close_connection", pid, "closed by a test")
     return len(pids)
 
 

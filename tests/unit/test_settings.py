@@ -18,6 +18,10 @@ CONFIG = Path("orchestrator/ops/config.py")
 ALLOWED_READS = {
     # The bench hands its raw baseline's child process a DSN of the bench's own making.
     (Path("orchestrator/proof/bench/raw.py"), "BENCH_FLOOR_DSN"),
+    # The cluster's nodes run with an environment of their own, which keeps the caller's PATH.
+    (Path("orchestrator/ops/cluster.py"), "PATH"),
+    # sandbox_in_use saves the sandbox variables it is about to set, to put them back after.
+    (Path("orchestrator/proof/harness.py"), "?"),
 }
 
 

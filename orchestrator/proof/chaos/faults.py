@@ -1,8 +1,10 @@
 """``sagactl chaos``, the disruptions: on a seeded schedule, kill and restart processes, cut the
 sandbox's RabbitMQ connections, terminate its PostgreSQL backends, arm fail points, restock.
 
-Only the sandbox's own vhost and database are touched; restarting RabbitMQ (which every user of
-the broker feels) happens only when the caller allows it.
+Only the sandbox's own vhost and database are touched. Servers are stopped only when the run owns
+them: RabbitMQ nodes of its own cluster (``--broker-nodes``, ``--allow-broker-restart``; see
+broker_nodes.py) and a PostgreSQL of its own (``--allow-db-restart``); never the machine's.
+With ``--scale``, a kill takes one instance of a kind and its twin keeps running.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ import contextlib
 import os
 import random
 import re
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -28,10 +28,13 @@ import sqlalchemy as sa
 
 from orchestrator import registry
 from orchestrator.ops import failpoints
+from orchestrator.ops.processes import base_name
 from orchestrator.proof.chaos.load import SCARCE
-from orchestrator.proof.harness import Processes, Sandbox
+from orchestrator.proof.harness import Processes, Sandbox, broker_ctl
 from orchestrator.sagas import catalog
 
+# A scheduled disruption: (seconds after the start, action, target, what doing it means).
+Scheduled = tuple[float, str, str, Callable[[], object]]
 # (action, weight)
 ACTIONS = (("kill", 40), ("kill_child", 14), ("close_connections", 12),
            ("terminate_backends", 12), ("failpoint", 8), ("restock", 8))
@@ -50,11 +53,8 @@ def kill_targets() -> tuple[tuple[str, int], ...]:
 
 
 def rabbitmqctl(*args: str, timeout_s: float = 60) -> str:
-    exe = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    result = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout_s)
-    if result.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr.strip()[-500:]}")
-    return result.stdout
+    """Against the sandbox's broker: a node of the run's cluster, or the machine's node."""
+    return broker_ctl(*args, timeout_s=timeout_s)
 
 
 def close_vhost_connections(vhost: str) -> int:
@@ -87,6 +87,7 @@ class Disruptor:
     say: Callable[[str], None]
     interval_s: tuple[float, float] = (1.5, 4.0)
     broker_restart_at: float | None = None  # seconds after start; None: never
+    scheduled: list[Scheduled] = field(default_factory=list)  # broker nodes, database restart
     counts: Counter[str] = field(default_factory=Counter)
     events: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -121,18 +122,36 @@ class Disruptor:
                 self.broker_restart_at = None
                 self._do("broker_restart", "rabbitmq", self._restart_broker)
                 continue
+            due = [s for s in self.scheduled if time.monotonic() - self._started >= s[0]]
+            if due:
+                self.scheduled.remove(due[0])
+                self._do(*due[0][1:])
+                continue
             action = rng.choices([a for a, _ in ACTIONS], weights=[w for _, w in ACTIONS])[0]
             target, act = self._plan(action, rng)
+            if action == "kill" and self._twins(target):
+                action = "kill_twin"  # one instance of a scaled kind; another keeps running
             self._do(action, target, act)
+
+    def _instance(self, kind: str, rng: random.Random) -> str:
+        """One running instance of ``kind`` (``relay`` or ``relay#2``...)."""
+        names = sorted(n for n in self.procs.running if base_name(n) == kind) or [kind]
+        return rng.choice(names)
+
+    def _twins(self, instance: str) -> list[str]:
+        """The other live instances of ``instance``'s kind."""
+        return [n for n in self.procs.running if n != instance
+                and base_name(n) == base_name(instance) and self.procs.alive(n)]
 
     def _plan(self, action: str, rng: random.Random) -> tuple[str, Callable[[], object]]:
         """The target of one disruption and what doing it means (drawn from the run's seed)."""
         if action == "kill":
             targets = kill_targets()
-            name = rng.choices([n for n, _ in targets], [w for _, w in targets])[0]
+            kind = rng.choices([n for n, _ in targets], [w for _, w in targets])[0]
+            name = self._instance(kind, rng)
             return name, partial(self._kill_restart, name, rng.uniform(0, 2.0))
         if action == "kill_child":
-            name = rng.choice(workers())
+            name = self._instance(rng.choice(workers()), rng)
             return name, partial(self._kill_child, name, rng)
         if action == "close_connections":
             return self.box.name, partial(close_vhost_connections, self.box.name)
@@ -153,16 +172,17 @@ class Disruptor:
             return
         self.counts[f"{action}:{target}"] += 1
         self.events.append({"at_s": at, "action": action, "target": target,
-                            "result": result if isinstance(result, int | str) else None})
+                            "result": result if isinstance(result, int | str | dict) else None})
         self.last_at = time.monotonic()
         self.say(f"chaos t={at:.0f}s: {action} {target}"
-                 + (f" -> {result}" if isinstance(result, int | str) else ""))
+                 + (f" -> {result}" if isinstance(result, int | str | dict) else ""))
 
     def _kill_restart(self, name: str, downtime: float) -> str:
+        twins = self._twins(name)
         self.procs.kill(name, signal.SIGKILL)
         time.sleep(downtime)
         self.procs.start(name)
-        return f"down {downtime:.1f}s"
+        return f"down {downtime:.1f}s" + (f", {', '.join(twins)} running" if twins else "")
 
     def _kill_child(self, name: str, rng: random.Random) -> str:
         children = self.procs.worker_children(name)
@@ -173,11 +193,14 @@ class Disruptor:
         return f"pid {pid}"
 
     def _restart_broker(self) -> str:
-        rabbitmqctl("stop_app", timeout_s=120)
-        time.sleep(2.0)
-        rabbitmqctl("start_app", timeout_s=120)
-        rabbitmqctl("await_startup", timeout_s=120)
-        return "stopped and started"
+        """Stop and start a node of the run's own broker; never the machine's node."""
+        if self.box.cluster is None:
+            raise RuntimeError("no broker of the run's own to restart (the machine's is not ours)")
+        from orchestrator.proof.chaos.broker_nodes import BrokerChaos
+
+        done = BrokerChaos(self.box.cluster, self.box.name, self._started).restart_one(
+            random.Random(f"{self.seed}/broker"))
+        return f"{done['node']} stopped and started, down {done['down_s']}s"
 
     def supervise(self, final: bool = False) -> None:
         """Restart a process that died without being killed by the schedule: after a fail point
