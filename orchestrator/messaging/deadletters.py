@@ -27,6 +27,7 @@ from models.deadletters import DeadLetter
 from models.enums import DeadLetterState, Reason
 from orchestrator.kernel import engine
 from orchestrator.messaging.topology import DEAD_LETTER_QUEUES, TASK_EXCHANGE, declare_all
+from orchestrator.ops import process_metrics
 from orchestrator.ops.config import settings
 from orchestrator.ops.masking import mask_text
 
@@ -177,6 +178,8 @@ def take_in(
         return row_id
 
     row_id = run_in_transaction(work)
+    if row_id is not None:
+        process_metrics.DEAD_LETTERS_RECORDED.labels(source_queue).inc()
     log.warning(
         "dead letter from %s: %s",
         source_queue,

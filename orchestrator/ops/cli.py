@@ -23,6 +23,19 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _prepare_metrics(process: str, always: bool = False) -> None:
+    """A fresh multiprocess-metrics folder for this process, before anything imports
+    prometheus_client (workers and the web fork; see orchestrator/ops/process_metrics.py)."""
+    from orchestrator.ops import metrics_dir
+
+    cfg = settings()
+    metrics_dir.prepare(
+        os.environ.get("SAGA_PROCESS") or process,
+        cfg.metrics_dir,
+        enabled=always or cfg.metrics_port is not None,
+    )
+
+
 @click.group()
 def main() -> None:
     """Run and operate the saga orchestrator."""
@@ -85,6 +98,7 @@ def web(port: int | None, dev: bool) -> None:
     """The Flask app under gunicorn."""
     port = port or settings().port
     os.environ.setdefault("SAGA_PROCESS", "web")
+    _prepare_metrics("web", always=not dev)  # its own /metrics serves them
     if dev:
         from web import create_app
 
@@ -127,18 +141,28 @@ def worker(name: str, concurrency: int | None, pool: str) -> None:
     from orchestrator.ops.processes import celery_worker_argv
 
     os.environ.setdefault("SAGA_PROCESS", name)
-    argv = celery_worker_argv(name, concurrency or settings().worker_concurrency, pool)
+    _prepare_metrics(name)
+    argv = celery_worker_argv(
+        name, concurrency or settings().worker_concurrency, pool, settings().worker_node
+    )
     os.execvp(argv[0], argv)
 
 
 @main.command()
 def relay() -> None:
     """Publish committed outbox rows, with publisher confirms."""
+    os.environ.setdefault("SAGA_PROCESS", "relay")
+    _prepare_metrics("relay")
     from orchestrator.messaging.outbox import run_relay
+    from orchestrator.messaging.topology import SERVICE_QUEUE_NAMES
+    from orchestrator.ops import process_metrics
     from orchestrator.ops.logs import setup_logging
 
-    os.environ.setdefault("SAGA_PROCESS", "relay")
     setup_logging("relay")
+    cfg = settings()
+    # The relay's endpoint also answers for the broker's queues (consumers, depth).
+    queues = process_metrics.QueueCollector(cfg.broker_url, SERVICE_QUEUE_NAMES)
+    process_metrics.serve(cfg.metrics_port, cfg.metrics_addr, extra=queues)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -151,6 +175,7 @@ def beat() -> None:
     from orchestrator.ops.config import state_dir
 
     os.environ.setdefault("SAGA_PROCESS", "beat")
+    _prepare_metrics("beat")
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True)
     schedule = os.environ.get("SAGA_BEAT_SCHEDULE") or str(folder / f"beat-schedule-{os.getpid()}")
@@ -175,7 +200,7 @@ def beat() -> None:
 @click.option("--port", type=int, default=None, help="default: $PORT or 8000")
 def run(port: int | None) -> None:
     """Every process of the system on this machine; Ctrl-C stops them all."""
-    from orchestrator.ops.processes import PROCESS_TABLE, Supervisor
+    from orchestrator.ops.processes import PROCESS_TABLE, Supervisor, metrics_ports
 
     cfg = settings()
     port = port or cfg.port
@@ -190,6 +215,10 @@ def run(port: int | None) -> None:
         click.echo(f"Admin console:  http://127.0.0.1:{port}/admin")
         if not cfg.production:
             click.echo(f"Admin login:    {cfg.admin_user} / {cfg.admin_password}")
+        for name, metrics_port in metrics_ports(
+            list(PROCESS_TABLE), env.get("SAGA_METRICS_PORT")
+        ).items():
+            click.echo(f"Metrics:        {name:<13} http://127.0.0.1:{metrics_port}/metrics")
         click.echo("Ctrl-C stops everything.\n")
 
     sup = Supervisor.for_names(list(PROCESS_TABLE), env, port, say=click.echo)

@@ -89,6 +89,11 @@ class Settings:
     outbox_grace_s: float
     worker_concurrency: int
     prefetch: int
+    celery_events: bool
+    worker_node: str
+    metrics_port: int | None
+    metrics_addr: str
+    metrics_dir: str
 
     @property
     def production(self) -> bool:
@@ -144,6 +149,11 @@ def load_settings() -> Settings:
         outbox_grace_s=_float("SAGA_OUTBOX_GRACE_S", 5.0),
         worker_concurrency=_int("SAGA_WORKER_CONCURRENCY", 2),
         prefetch=_int("SAGA_PREFETCH", 4),
+        celery_events=os.environ.get("SAGA_CELERY_EVENTS") == "1",
+        worker_node=os.environ.get("SAGA_WORKER_NODE", ""),
+        metrics_port=_int("SAGA_METRICS_PORT", 0) or None,
+        metrics_addr=os.environ.get("SAGA_METRICS_ADDR", "127.0.0.1"),
+        metrics_dir=os.environ.get("SAGA_METRICS_DIR", ""),
     )
 
 

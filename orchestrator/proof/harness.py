@@ -136,6 +136,7 @@ class Running:
     log: Path
     offset: int
     port: int | None = None  # a web's own port (``start("web#2", PORT=...)``)
+    metrics_port: int | None = None  # its metrics endpoint (``Processes(metrics=True)``)
 
 
 @dataclass
@@ -146,6 +147,7 @@ class Processes:
     log_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    metrics: bool = False  # each process but the web serves /metrics on a port of its own
     running: dict[str, Running] = field(default_factory=dict)
 
     @property
@@ -166,11 +168,18 @@ class Processes:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name.replace('#', '-')}.log"
         offset = log.stat().st_size if log.exists() else 0
+        metrics: dict[str, str] = {}
+        if self.metrics and base != "web":
+            metrics = {
+                "SAGA_METRICS_PORT": str(free_port()),
+                "SAGA_METRICS_DIR": str(self.log_dir / "metrics"),
+            }
         proc_env = self.box.env(
             **{
                 "SAGA_PROCESS": name,
                 "PORT": str(port),
                 "SAGA_BEAT_SCHEDULE": str(self.log_dir / f"beat-{name}.db"),
+                **metrics,
                 **self.extra_env,
                 **env,
             }
@@ -183,7 +192,10 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        running = Running(name, proc, log, offset, port)
+        metrics_port = proc_env.get("SAGA_METRICS_PORT")
+        running = Running(
+            name, proc, log, offset, port, int(metrics_port) if metrics_port else None
+        )
         self.running[name] = running
         if wait:
             self.wait_ready(name, base)

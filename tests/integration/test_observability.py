@@ -1,0 +1,247 @@
+"""Celery's own tools and every process's metrics, on a system of real processes of its own.
+
+With ``SAGA_CELERY_EVENTS=1`` each worker answers ``celery inspect ping`` on its own node and sends
+task events (what Flower reads); a worker without it answers nothing. Every worker, the relay and
+beat serve /metrics on a port of their own (``Processes(metrics=True)``), counting what they did
+across their prefork children; after a few orders, every metric that deploy/'s alert rules and
+dashboard name is exposed by some process.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.messaging.topology import SERVICE_QUEUE_NAMES
+from orchestrator.ops.processes import PROCESS_TABLE, WORKERS
+from orchestrator.proof.client import Api
+from orchestrator.proof.harness import SHORT_TIMINGS, Processes, Sandbox
+from tests.deploy_files import PROMETHEUS_OWN, names_used
+
+pytestmark = pytest.mark.own_system  # a sandbox and processes of its own (events and metrics on)
+
+NODE_TEMPLATE = "{name}-obs-{pid}@%h"
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[Sandbox]:
+    sandbox = Sandbox.create("sagatest")
+    yield sandbox
+    sandbox.destroy()
+
+
+@pytest.fixture(scope="module")
+def observed(box: Sandbox, artifacts: Path) -> Iterator[Processes]:
+    procs = Processes(
+        box,
+        artifacts / "observability",
+        metrics=True,
+        extra_env={**SHORT_TIMINGS, "SAGA_CELERY_EVENTS": "1", "SAGA_WORKER_NODE": NODE_TEMPLATE},
+    )
+    try:
+        for name in PROCESS_TABLE:
+            # The web leaves its commands to the relay, so the relay's own metrics have work too.
+            env = {"SAGA_OUTBOX_FAST_PATH": "0"} if name == "web" else {}
+            procs.start(name, wait=False, **env)
+        for name in PROCESS_TABLE:
+            procs.wait_ready(name)
+    except BaseException:
+        procs.stop_all()
+        raise
+    yield procs
+    procs.stop_all()
+
+
+def node(procs: Processes, name: str) -> str:
+    """The Celery node name the worker ``name`` took (its pid survives ``sagactl``'s exec)."""
+    return f"{name.split('#')[0]}-obs-{procs.pid(name)}@{socket.gethostname()}"
+
+
+def inspect_ping(
+    box: Sandbox, destination: str, timeout_s: float
+) -> subprocess.CompletedProcess[str]:
+    """The command docker-compose.yml's worker healthcheck runs."""
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "orchestrator.messaging.celery_app", "inspect",
+         "--timeout", str(timeout_s), "--destination", destination, "--json", "ping"],
+        env=box.env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_every_worker_answers_celery_inspect_ping_on_its_own_node(
+    observed: Processes, box: Sandbox
+) -> None:
+    for name in WORKERS:
+        result = inspect_ping(box, node(observed, name), timeout_s=10)
+        assert result.returncode == 0, (name, result.stdout, result.stderr)
+        assert json.loads(result.stdout) == {node(observed, name): {"ok": "pong"}}
+
+
+def test_a_worker_without_the_setting_answers_no_ping(observed: Processes, box: Sandbox) -> None:
+    observed.start("payment#quiet", SAGA_CELERY_EVENTS="0")
+    try:
+        result = inspect_ping(box, node(observed, "payment#quiet"), timeout_s=3)
+        assert result.returncode != 0
+        assert "No nodes replied" in result.stdout + result.stderr
+        # ...while the one with it, on the same queue, still does.
+        assert inspect_ping(box, node(observed, "payment"), timeout_s=10).returncode == 0
+    finally:
+        observed.kill("payment#quiet")
+        del observed.running["payment#quiet"]
+
+
+def test_workers_send_task_events(observed: Processes, box: Sandbox) -> None:
+    """What Flower shows: a task received and succeeded, by the payment worker."""
+    received: dict[str, str] = {}  # task id -> task name
+    succeeded: set[str] = set()
+    listening = threading.Event()  # set by the first event: the receiver's queue is bound
+    app = Celery(broker=box.broker_url)
+
+    def on_event(event: dict[str, Any]) -> None:
+        listening.set()
+        if event["type"] == "task-received":
+            received[event["uuid"]] = event["name"]
+        elif event["type"] == "task-succeeded":
+            succeeded.add(event["uuid"])
+
+    def charged() -> bool:
+        return any(received.get(u) == "payment.charge" for u in succeeded)
+
+    with app.connection_for_read() as conn:
+        # wakeup: ask every worker for a heartbeat at once (Flower lists workers by them).
+        receiver = app.events.Receiver(conn, handlers={"*": on_event})
+        thread = threading.Thread(target=receiver.capture, kwargs={"wakeup": True}, daemon=True)
+        thread.start()
+        try:
+            assert listening.wait(30), "no event (not even a worker heartbeat) within 30 s"
+            api = Api.connect(observed.url)
+            order = api.place(_order()).json()["order_id"]
+            assert api.wait_final([order], 60)[order]["status"] == "confirmed"
+            deadline = time.monotonic() + 30
+            while not charged() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            receiver.should_stop = True
+            thread.join(10)
+    assert charged(), (received, succeeded)
+
+
+def _order(token: str = "tok_visa", faults: dict[str, str] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "customer_id": "c-observed",
+        "items": [{"sku": "SKU-APPLE", "quantity": 1}],
+        "payment": {"card_token": token},
+    }
+    if faults:
+        body["faults"] = faults
+    return body
+
+
+def scrape(url: str) -> Samples:
+    response = requests.get(url, timeout=10)
+    assert response.status_code == 200, url
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+def get(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def scrapes(observed: Processes) -> dict[str, Samples]:
+    """Every process's /metrics after a few orders of every kind have finished."""
+    api = Api.connect(observed.url)
+    bodies = [
+        _order(),
+        _order(),
+        _order(faults={"inventory.reserve": "transient:1"}),  # one retry
+        _order(token="tok_chargeDeclined"),  # a business refusal: compensated
+        _order(faults={"payment.charge": "always"}),  # retries run out: dead-lettered
+    ]
+    placed = [api.place(body).json()["order_id"] for body in bodies]
+    views = api.wait_final(placed, timeout_s=120)
+    assert [views[o]["status"] for o in placed] == [
+        "confirmed", "confirmed", "confirmed", "cancelled", "cancelled",
+    ]  # fmt: skip
+    urls = {
+        name: f"http://127.0.0.1:{running.metrics_port}/metrics"
+        for name, running in observed.running.items()
+        if running.metrics_port
+    }
+    urls["web"] = f"{observed.url}/metrics"
+    assert set(urls) == set(PROCESS_TABLE)
+    # The dead letter is taken in after the saga turned back: wait for it, on evidence.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = scrape(urls["orchestrator"])
+        if get(found, "saga_dead_letters_recorded_total", queue="payment") >= 1:
+            break
+        time.sleep(0.2)
+    return {name: scrape(url) for name, url in urls.items()}
+
+
+def test_every_metric_the_rules_and_the_dashboard_name_is_exposed(
+    scrapes: dict[str, Samples],
+) -> None:
+    exposed = {name for samples in scrapes.values() for name, _ in samples}
+    missing = {
+        name: sorted(where)
+        for name, where in names_used().items()
+        if name not in exposed and name not in PROMETHEUS_OWN
+    }
+    assert not missing, missing
+
+
+def test_workers_count_their_tasks_across_their_pool(scrapes: dict[str, Samples]) -> None:
+    payment = scrapes["payment"]
+    tasks = "saga_worker_tasks_total"
+    # Four charges answered (three confirmed, one declined), whichever pool child ran them.
+    assert get(payment, tasks, task="payment.charge", outcome="succeeded") >= 4
+    assert get(payment, tasks, task="payment.charge", outcome="retried") >= 1
+    assert get(payment, tasks, task="payment.charge", outcome="failed") >= 1
+    assert get(payment, "saga_worker_task_duration_seconds_count", task="payment.charge") >= 6
+    assert get(scrapes["inventory"], tasks, task="inventory.reserve", outcome="retried") >= 1
+    orchestrator = scrapes["orchestrator"]
+    assert get(orchestrator, tasks, task="saga.reply", outcome="succeeded") >= 12
+    assert get(orchestrator, tasks, task="saga.sweep", outcome="succeeded") >= 1
+    assert get(orchestrator, "saga_sweeps_total") >= 1
+    for name in WORKERS:  # nothing in hand any more: every child's inc met its dec
+        assert get(scrapes[name], "saga_worker_tasks_active") == 0, name
+
+
+def test_publishers_count_confirms_and_the_relay_its_delay(scrapes: dict[str, Samples]) -> None:
+    relay, orchestrator = scrapes["relay"], scrapes["orchestrator"]
+    published = "saga_published_messages_total"
+    assert get(relay, published, source="relay", result="confirmed") >= 5  # the web's commands
+    assert get(relay, "saga_relay_delay_seconds_count", source="relay") >= 5
+    assert get(relay, "saga_publish_duration_seconds_count", source="relay") >= 1
+    assert get(orchestrator, published, source="fast_path", result="confirmed") >= 10
+    assert get(scrapes["beat"], "saga_celery_sent_total", task="saga.sweep") >= 1
+    assert get(scrapes["payment"], "saga_celery_sent_total", task="saga.reply") >= 4
+
+
+def test_dead_letters_and_queues_are_counted(scrapes: dict[str, Samples]) -> None:
+    assert get(scrapes["orchestrator"], "saga_dead_letters_recorded_total", queue="payment") == 1
+    relay = scrapes["relay"]
+    assert get(relay, "saga_broker_up") == 1
+    for queue in SERVICE_QUEUE_NAMES:
+        assert get(relay, "saga_queue_consumers", queue=queue) >= 1, queue
+    assert get(scrapes["web"], "saga_dead_letters", state="dead") == 1
+    assert get(scrapes["web"], "saga_parked") == 0
