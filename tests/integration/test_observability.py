@@ -4,12 +4,14 @@ With ``SAGA_CELERY_EVENTS=1`` each worker answers ``celery inspect ping`` on its
 task events (what Flower reads); a worker without it answers nothing. Every worker, the relay and
 beat serve /metrics on a port of their own (``Processes(metrics=True)``), counting what they did
 across their prefork children; after a few orders, every metric that deploy/'s alert rules and
-dashboard name is exposed by some process.
+dashboard name is exposed by some process, and a real Prometheus scraping them finds data for
+every dashboard query and evaluates every rule without an error.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,14 +23,22 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.messaging.topology import SERVICE_QUEUE_NAMES
 from orchestrator.ops.processes import PROCESS_TABLE, WORKERS
 from orchestrator.proof.client import Api
-from orchestrator.proof.harness import SHORT_TIMINGS, Processes, Sandbox
-from tests.deploy_files import PROMETHEUS_OWN, names_used
+from orchestrator.proof.harness import SHORT_TIMINGS, Processes, Sandbox, free_port
+from tests.deploy_files import (
+    ALERT_RULES,
+    PROMETHEUS_OWN,
+    dashboards,
+    names_used,
+    panel_exprs,
+    rules,
+)
 
 pytestmark = pytest.mark.own_system  # a sandbox and processes of its own (events and metrics on)
 
@@ -245,3 +255,98 @@ def test_dead_letters_and_queues_are_counted(scrapes: dict[str, Samples]) -> Non
         assert get(relay, "saga_queue_consumers", queue=queue) >= 1, queue
     assert get(scrapes["web"], "saga_dead_letters", state="dead") == 1
     assert get(scrapes["web"], "saga_parked") == 0
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    observed: Processes, scrapes: dict[str, Samples], tmp_path_factory: Any
+) -> Iterator[str]:
+    """A real Prometheus (Debian's, beside promtool) scraping this system every second with
+    deploy/'s alert rules; stopped at the end of the module."""
+    exe = shutil.which("prometheus")
+    assert exe, "prometheus is missing: run scripts/promtool.sh (`make test` does)"
+    folder = tmp_path_factory.mktemp("prometheus")
+    targets = {
+        name: f"127.0.0.1:{running.metrics_port or observed.port}"
+        for name, running in observed.running.items()
+    }
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERT_RULES)],
+        "scrape_configs": [
+            {"job_name": name, "static_configs": [{"targets": [target]}]}
+            for name, target in targets.items()
+        ],
+    }
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(folder / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(
+            [exe, f"--config.file={folder / 'prometheus.yml'}",
+             f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        # Ready when every target has been scraped healthy a few times (rates need two samples).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (folder / "prometheus.log").read_text()[-3000:]
+            try:
+                if _scraped_healthy(url, len(targets), times=3):
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        else:
+            raise TimeoutError("Prometheus never saw every target up")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _scraped_healthy(url: str, targets: int, times: int) -> bool:
+    """Every target scraped at least ``times`` times (a rate needs two samples), all up."""
+    counts = query(url, "count_over_time(up[30s])")
+    lowest = query(url, "min_over_time(up[30s])")
+    return (
+        len(counts) == targets
+        and all(float(r["value"][1]) >= times for r in counts)
+        and all(float(r["value"][1]) == 1 for r in lowest)
+    )
+
+
+def query(url: str, expr: str) -> list[dict[str, Any]]:
+    response = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
+    body = response.json()
+    assert body["status"] == "success", (expr, body)
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def test_every_dashboard_query_returns_series_from_the_processes(prometheus: str) -> None:
+    """Names are not enough: each panel's query, labels and all, finds data in a real Prometheus."""
+    empty = [
+        (file, expr)
+        for file, dashboard in dashboards().items()
+        for expr in panel_exprs(dashboard)
+        if not query(prometheus, expr)
+    ]
+    assert not empty, empty
+
+
+def test_every_alert_rule_evaluates_and_none_fires_on_a_healthy_system(prometheus: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:  # rules are evaluated every second; wait for one round that saw them all
+        response = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()
+        loaded = [rule for group in response["data"]["groups"] for rule in group["rules"]]
+        if len(loaded) == len(rules()) and all(
+            r.get("lastEvaluation", "").startswith("2") for r in loaded
+        ):
+            break
+        assert time.monotonic() < deadline, loaded
+        time.sleep(0.5)
+    assert {r["name"]: r["health"] for r in loaded} == {r["alert"]: "ok" for r in rules()}
+    firing = [r["name"] for r in loaded if r["state"] == "firing"]
+    assert not firing, firing
