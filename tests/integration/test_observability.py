@@ -149,6 +149,46 @@ def test_workers_send_task_events(observed: Processes, box: Sandbox) -> None:
     assert charged(), (received, succeeded)
 
 
+def test_flower_lists_every_worker_behind_basic_auth(
+    observed: Processes, box: Sandbox, artifacts: Path
+) -> None:
+    """As docker-compose.yml runs it: `celery --broker=... flower`, FLOWER_BASIC_AUTH from env."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    auth = ("ops", "a-flower-password")
+    with open(artifacts / "observability" / "flower.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", f"--broker={box.broker_url}", "flower",
+             f"--port={port}", "--address=127.0.0.1"],
+            env={**box.env(), "FLOWER_BASIC_AUTH": ":".join(auth)},
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    expected = {node(observed, name) for name in WORKERS}
+    seen: set[str] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (artifacts / "observability" / "flower.log").read_text()
+            try:
+                anonymous = requests.get(f"{url}/api/workers", timeout=5)
+                found = requests.get(
+                    f"{url}/api/workers", params={"refresh": "1"}, auth=auth, timeout=20
+                )
+            except requests.RequestException:
+                time.sleep(0.5)
+                continue
+            assert anonymous.status_code == 401
+            if found.status_code == 200:
+                seen = set(found.json())
+                if expected <= seen:
+                    break
+            time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert expected <= seen, (expected, seen)
+
+
 def _order(token: str = "tok_visa", faults: dict[str, str] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "customer_id": "c-observed",
