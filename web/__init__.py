@@ -38,13 +38,17 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         ADMIN_PASSWORD=cfg.admin_password,
         FAULT_INJECTION=cfg.fault_injection,
         JSON_SORT_KEYS=False,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=cfg.production,
+        TRUSTED_HOSTS=list(cfg.trusted_hosts) or None,
     )
     if test_config:
         app.config.update(test_config)
 
-    from web import admin, errors, ops, orders, presenters
+    from web import admin, errors, ops, orders, presenters, security
 
     errors.register(app)
+    security.register(app)
     app.jinja_env.filters.update(explain=presenters.explain, money=presenters.money,
                                duration=presenters.duration,
                                attempt_chart=presenters.attempt_chart)

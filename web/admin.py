@@ -23,6 +23,7 @@ from flask import (
     request,
     url_for,
 )
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.orm import Session
 
 from models.db import transaction
@@ -34,13 +35,27 @@ from orchestrator.kernel.machine import NotApplicable
 from orchestrator.messaging import deadletters
 from web import presenters
 from web.errors import ApiError, wants_json
-from web.orders import check_csrf
+from web.http import is_json, posted_fields
+from web.schemas import (
+    ActionIn,
+    ActionResult,
+    BulkIn,
+    BulkItemResult,
+    BulkResult,
+    DeadLetterList,
+    DeadLetterOut,
+    LetterActionIn,
+    LetterActionResult,
+    LetterId,
+    SagaDetail,
+    SagaList,
+    SagaListQuery,
+    dump,
+)
+from web.validation import Invalid, validate
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 bp.add_app_template_filter(presenters.elapsed, "elapsed")
-
-MAX_NOTE = 500
-MAX_BULK = 200
 
 
 def _authorized() -> str | None:
@@ -69,35 +84,11 @@ def _require_admin() -> None:
     g.admin_user = user
 
 
-def _action_body() -> dict[str, Any]:
-    """The posted fields: JSON as is, or a form whose CSRF token checks out."""
-    if request.mimetype == "application/json":
-        data = request.get_json(silent=True)
-        if not isinstance(data, dict):
-            raise ApiError(400, "malformed_json", "the body must be a JSON object")
-        return data
-    # A body-less post is what a cross-site page can send without a preflight: a form's rules.
-    if request.mimetype in ("", "application/x-www-form-urlencoded", "multipart/form-data"):
-        check_csrf()
-        return request.form.to_dict()
-    raise ApiError(415, "unsupported_media_type", "send JSON or a form with its CSRF token")
+def _invalid(exc: Invalid, what: str) -> ApiError:
+    return ApiError(422, "validation_failed", f"the {what} is not valid", exc.details)
 
 
-def _note(body: dict[str, Any]) -> str | None:
-    note = body.get("note")
-    if note is None or note == "":
-        return None
-    if not isinstance(note, str) or len(note) > MAX_NOTE or "\x00" in note:
-        raise ApiError(
-            422,
-            "validation_failed",
-            "invalid note",
-            [{"field": "note", "message": f"a text of at most {MAX_NOTE} characters"}],
-        )
-    return note
-
-
-def _uuid_or_404(value: str) -> uuid.UUID:
+def _saga_id_or_404(value: str) -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError as exc:
@@ -112,14 +103,20 @@ def index() -> Response:
 
 @bp.get("/sagas")
 def sagas() -> Response | str:
-    state = request.args.get("state") or None
-    if state is not None and state not in queries.STATES:
-        raise ApiError(400, "invalid_state", f"state must be one of {', '.join(queries.STATES)}")
-    q = (request.args.get("q") or "").strip() or None
+    try:
+        query = validate(SagaListQuery, request.args.to_dict())
+    except Invalid as exc:
+        if any(d["field"] == "state" for d in exc.details):
+            raise ApiError(
+                400, "invalid_state", f"state must be one of {', '.join(queries.STATES)}"
+            ) from exc
+        raise ApiError(400, "invalid_query", "the query is not valid", exc.details) from exc
+    state = query.state
+    q = (query.q or "").strip() or None
     cursor = None
-    if request.args.get("cursor"):
+    if query.cursor:
         try:
-            cursor = queries.Cursor.decode(request.args["cursor"])
+            cursor = queries.Cursor.decode(query.cursor)
         except ValueError as exc:
             raise ApiError(400, "invalid_cursor", "the cursor is not valid") from exc
     with transaction() as session:
@@ -127,12 +124,13 @@ def sagas() -> Response | str:
         counts = queries.counts(session)
         customers = _customers(session, items) if not wants_json() else {}
     next_token = next_cursor.encode() if next_cursor else None
+    listed = dump(SagaList.model_validate({"sagas": items, "counts": counts, "next": next_token}))
     if wants_json():
-        return jsonify({"sagas": items, "counts": counts, "next": next_token})
+        return jsonify(listed)
     return render_template(
         "admin/sagas.html",
-        sagas=items,
-        counts=counts,
+        sagas=listed["sagas"],
+        counts=listed["counts"],
         state=state,
         q=q or "",
         next=next_token,
@@ -158,17 +156,18 @@ def _letters_of(session: Session, saga_id: uuid.UUID) -> list[dict[str, Any]]:
 
 
 def _letter_view(d: DeadLetter) -> dict[str, Any]:
-    return deadletters.as_dict(d, with_body=True)
+    return dump(DeadLetterOut.model_validate(deadletters.as_dict(d, with_body=True)))
 
 
 @bp.get("/sagas/<saga_id>")
 def saga(saga_id: str) -> Response | str:
-    ident = _uuid_or_404(saga_id)
+    ident = _saga_id_or_404(saga_id)
     with transaction() as session:
         view = queries.saga_detail(session, ident)
         letters = _letters_of(session, ident) if view and not wants_json() else []
     if view is None:
         raise ApiError(404, "not_found", "no such saga")
+    view = dump(SagaDetail.model_validate(view))
     if wants_json():
         return jsonify(view)
     return render_template(
@@ -195,15 +194,18 @@ def _act(saga_id: uuid.UUID, action: str, note: str | None) -> tuple[int, str | 
 
 def _action_route(action: str) -> Callable[[str], Response]:
     def view(saga_id: str) -> Response:
-        ident = _uuid_or_404(saga_id)
-        body = _action_body()
-        status, state = _act(ident, action, _note(body))
+        ident = _saga_id_or_404(saga_id)
+        try:
+            body = validate(ActionIn, posted_fields())
+        except Invalid as exc:
+            raise _invalid(exc, "action") from exc
+        status, state = _act(ident, action, body.note)
         if status == 404:
             raise ApiError(404, "not_found", "no such saga")
         if status == 409:
             raise ApiError(409, "not_applicable", f"{action} does not apply to this saga now")
-        if request.mimetype == "application/json":
-            response = jsonify({"saga_id": str(ident), "state": state})
+        if is_json():
+            response = jsonify(dump(ActionResult(saga_id=ident, state=state)))  # type: ignore[arg-type]
             response.status_code = 202
             return response
         return redirect(url_for("admin.saga", saga_id=str(ident)), code=303)  # type: ignore[return-value]
@@ -220,43 +222,24 @@ bp.add_url_rule(
 
 @bp.post("/sagas/bulk")
 def bulk() -> Response:
-    body = _action_body()
-    action = body.get("action")
-    if action not in ("retry", "compensate"):
-        raise ApiError(
-            422,
-            "validation_failed",
-            "invalid action",
-            [{"field": "action", "message": "must be retry or compensate"}],
-        )
-    ids = body.get("saga_ids")
-    if request.mimetype != "application/json":
-        ids = request.form.getlist("saga_ids")
-    if (
-        not isinstance(ids, list)
-        or not ids
-        or len(ids) > MAX_BULK
-        or not all(isinstance(i, str) for i in ids)
-    ):
-        raise ApiError(
-            422,
-            "validation_failed",
-            "invalid saga_ids",
-            [{"field": "saga_ids", "message": f"a list of 1 to {MAX_BULK} ids"}],
-        )
-    note = _note(body)
+    try:
+        body = validate(BulkIn, posted_fields(form_only=("return_state",), lists=("saga_ids",)))
+    except Invalid as exc:
+        raise _invalid(exc, "bulk request") from exc
     results = []
-    for raw in ids:
+    for raw in body.saga_ids:
         try:
-            status, _ = _act(uuid.UUID(raw), action, note)
+            ident = uuid.UUID(raw)
         except ValueError:
-            status = 404
-        results.append({"saga_id": raw, "status": status})
-    if request.mimetype != "application/json":
+            status = 404  # not an id: no such saga
+        else:
+            status, _ = _act(ident, body.action, body.note)
+        results.append(BulkItemResult(saga_id=raw, status=status))  # type: ignore[arg-type]
+    if not is_json():
         return redirect(
             url_for("admin.sagas", state=request.form.get("return_state") or None), code=303
         )  # type: ignore[return-value]
-    return jsonify({"results": results})
+    return jsonify(dump(BulkResult(results=results)))
 
 
 @bp.get("/dead-letters")
@@ -264,21 +247,31 @@ def dead_letters() -> Response | str:
     with transaction() as session:
         items = [_letter_view(d) for d in deadletters.list_letters(session)]
     if wants_json():
-        return jsonify({"dead_letters": items})
+        return jsonify(dump(DeadLetterList.model_validate({"dead_letters": items})))
     return render_template("admin/dead_letters.html", letters=items)
+
+
+_LETTER_ID: TypeAdapter[int] = TypeAdapter(LetterId)
 
 
 def _letter_route(verb: str, act: Callable[[int, str], None]) -> Callable[[int], Response]:
     def view(letter_id: int) -> Response:
-        _action_body()
+        try:
+            _LETTER_ID.validate_python(letter_id)
+        except ValidationError as exc:  # past the bigint range: no such letter can exist
+            raise ApiError(404, "not_found", "no such dead letter") from exc
+        try:
+            validate(LetterActionIn, posted_fields())
+        except Invalid as exc:
+            raise _invalid(exc, "request") from exc
         try:
             act(letter_id, g.admin_user)
         except deadletters.DeadLetterNotFound as exc:
             raise ApiError(404, "not_found", "no such dead letter") from exc
         except deadletters.DeadLetterResolved as exc:
             raise ApiError(409, "not_applicable", str(exc)) from exc
-        if request.mimetype == "application/json":
-            response = jsonify({"id": letter_id, "state": verb})
+        if is_json():
+            response = jsonify(dump(LetterActionResult(id=letter_id, state=verb)))  # type: ignore[arg-type]
             response.status_code = 202
             return response
         return redirect(url_for("admin.dead_letters"), code=303)  # type: ignore[return-value]

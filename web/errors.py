@@ -8,6 +8,8 @@ from flask import Flask, Response, jsonify, render_template, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from web.schemas import Error, ErrorDetail, dump
+
 
 class ApiError(Exception):
     def __init__(
@@ -36,7 +38,8 @@ def wants_json() -> bool:
 def error_response(status: int, code: str, message: str, details: Any = None,
                    headers: dict[str, str] | None = None) -> Response:
     if wants_json():
-        response = jsonify({"error": {"code": code, "message": message, "details": details}})
+        error = Error(error=ErrorDetail(code=code, message=message, details=details))
+        response = jsonify(dump(error))
     else:
         page = render_template("error.html", status=status, code=code, message=message)
         response = Response(page, mimetype="text/html")

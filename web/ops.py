@@ -6,15 +6,16 @@ from flask import Blueprint, Response, jsonify
 
 from orchestrator.ops import health, metrics
 from web import openapi
+from web.schemas import Health, dump
 
 bp = Blueprint("ops", __name__)
 
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    status = health.check()
-    response = jsonify(status)
-    response.status_code = 200 if all(v == "ok" for v in status.values()) else 503
+    status = Health.model_validate(health.check())
+    response = jsonify(dump(status))
+    response.status_code = 200 if status.database == status.broker == "ok" else 503
     response.headers["Cache-Control"] = "no-store"
     return response
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -16,9 +15,6 @@ from flask import (
     request,
     url_for,
 )
-from flask_wtf.csrf import CSRFError, validate_csrf
-from werkzeug.exceptions import RequestEntityTooLarge
-from wtforms import ValidationError as CsrfInvalid
 
 from models.db import transaction
 from orchestrator import queries
@@ -26,46 +22,13 @@ from orchestrator.kernel import engine
 from orchestrator.ops.logs import log_context
 from orchestrator.sagas import placing as ordering
 from web.errors import ApiError, wants_json
-from web.validation import IDEMPOTENCY_KEY, InvalidOrder, OrderIn, fingerprint, parse_order
+from web.http import check_csrf, json_body, read_body
+from web.schemas import OrderIn, OrderOut, Placed, ProductOut, dump
+from web.validation import IDEMPOTENCY_KEY, InvalidOrder, fingerprint, parse_order
 
 bp = Blueprint("orders", __name__)
 
 TEST_TOKENS = ("tok_visa", "tok_chargeDeclined")
-
-
-def read_body() -> bytes:
-    """The body, cached for the parsers; 413 past MAX_CONTENT_LENGTH, with or without a
-    Content-Length, whatever the content type (the contract checks size first)."""
-    data = request.get_data(cache=True)
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
-    # Werkzeug stops a streamed (chunked) body at the limit without an error
-    # (LimitedStream.readall): one more byte from the server's stream tells a body of exactly
-    # the limit from a longer one.
-    at_limit = request.content_length is None and limit is not None and len(data) >= limit
-    if at_limit and request.environ["wsgi.input"].read(1):
-        raise RequestEntityTooLarge()
-    return data
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_body() -> Any:
-    try:
-        # Strict UTF-8 (RFC 8259), a leading BOM tolerated: json.loads(bytes) would also take
-        # UTF-16/32 and decode encoded surrogates ("surrogatepass").
-        text = request.get_data(cache=True).decode("utf-8-sig")
-        return json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "malformed_json", "the body is not valid JSON") from exc
-
-
-def check_csrf() -> None:
-    try:
-        validate_csrf(request.form.get("csrf_token"))
-    except (CsrfInvalid, CSRFError) as exc:
-        raise ApiError(400, "csrf_failed", "the form's CSRF token is missing or invalid") from exc
 
 
 def _form_quantity(raw: str) -> int | str:
@@ -150,7 +113,7 @@ def create() -> Response | tuple[Response, int]:
     read_body()
     mimetype = request.mimetype
     if mimetype == "application/json":
-        raw = _json_body()
+        raw = json_body()
         is_form = False
     elif mimetype == "application/x-www-form-urlencoded":
         check_csrf()
@@ -175,8 +138,9 @@ def create() -> Response | tuple[Response, int]:
     location = url_for("orders.show", order_id=placed.order_id)
     if is_form:
         return redirect(location, code=303)  # type: ignore[return-value]
-    response = jsonify({"order_id": str(placed.order_id), "saga_id": str(placed.saga_id),
-                        "status": "pending" if placed.created else _status(placed.order_id)})
+    status = "pending" if placed.created else _status(placed.order_id)
+    response = jsonify(dump(Placed(order_id=placed.order_id, saga_id=placed.saga_id,
+                                   status=status)))  # type: ignore[arg-type]
     response.status_code = 202 if placed.created else 200
     response.headers["Location"] = location
     return response
@@ -207,11 +171,12 @@ def show(order_id: str) -> Response | str:
         view = queries.order_view(session, ident)
     if view is None:
         raise ApiError(404, "not_found", "no such order")
+    public = dump(OrderOut.of(view))
     if wants_json():
-        return jsonify(view)
-    return render_template("orders/show.html", order=view)
+        return jsonify(public)
+    return render_template("orders/show.html", order=public)
 
 
 @bp.get("/products")
 def products() -> Response:
-    return jsonify(_catalogue())
+    return jsonify([dump(ProductOut.model_validate(p)) for p in _catalogue()])

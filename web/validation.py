@@ -5,59 +5,29 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import unicodedata
 from collections.abc import Callable, Collection
-from typing import Annotated, Any
+from typing import Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from orchestrator.messaging.envelopes import FAULT
 from orchestrator.sagas.order import ORDER_SAGA
+from web.http import TooLongNumber
+from web.schemas import OrderIn
 
-MAX_LINES = 50
-TOKEN = re.compile(r"tok_[A-Za-z0-9_]{1,64}")
 # Matched with fullmatch: "$" alone would let a trailing newline through.
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
-def _printable(value: str) -> str:
-    """No control characters, no lone surrogates; format characters (RTL marks, ZWJ) are fine."""
-    for ch in value:
-        if unicodedata.category(ch) in ("Cc", "Cs"):
-            raise ValueError("must not contain control characters or lone surrogates")
-    return value
+class Invalid(Exception):
+    """A body or query that fails its model: ``details`` name each field and what is wrong."""
 
-
-def _token(value: str) -> str:
-    if not TOKEN.fullmatch(value):  # .match with "$" would let "tok_visa\n" through
-        raise ValueError("must look like tok_ followed by 1 to 64 letters, digits or underscores")
-    return value
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class ItemIn(_Strict):
-    sku: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
-    quantity: Annotated[StrictInt, Field(ge=1, le=1000)]
-
-
-class PaymentIn(_Strict):
-    card_token: Annotated[str, AfterValidator(_token)]
-
-
-class OrderIn(_Strict):
-    customer_id: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
-    items: Annotated[list[ItemIn], Field(min_length=1, max_length=MAX_LINES)]
-    payment: PaymentIn
-    faults: dict[str, str] | None = None
-
-
-class InvalidOrder(Exception):
     def __init__(self, details: list[dict[str, str]]) -> None:
         super().__init__("; ".join(f"{d['field']}: {d['message']}" for d in details))
         self.details = details
+
+
+InvalidOrder = Invalid
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
@@ -70,6 +40,27 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return name if loc else "body"
 
 
+def _message(err: Any) -> str:
+    if isinstance(err.get("input"), TooLongNumber):
+        return "a number far too long to be a valid value"
+    return str(err["msg"])
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: Any) -> M:
+    """``model`` from decoded JSON or form fields, or Invalid naming every wrong field."""
+    if not isinstance(data, dict):
+        raise Invalid([{"field": "body", "message": "must be a JSON object"}])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise Invalid(
+            [{"field": _field_name(err["loc"]), "message": _message(err)} for err in exc.errors()]
+        ) from exc
+
+
 SkuLookup = Callable[[list[str]], Collection[str]]
 
 
@@ -78,14 +69,7 @@ def parse_order(
 ) -> OrderIn:
     """Validate shape and values; ``known_skus`` (a set, or a lookup called with the validated
     skus only, so no unchecked text reaches the database) checks the catalogue too."""
-    if not isinstance(data, dict):
-        raise InvalidOrder([{"field": "body", "message": "must be a JSON object"}])
-    try:
-        order = OrderIn.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidOrder([
-            {"field": _field_name(err["loc"]), "message": err["msg"]} for err in exc.errors()
-        ]) from exc
+    order = validate(OrderIn, data)
     problems: list[dict[str, str]] = []
     if callable(known_skus):
         known_skus = known_skus([item.sku for item in order.items])
@@ -102,12 +86,13 @@ def parse_order(
         else:
             for name, fault in (order.faults or {}).items():
                 if name not in ORDER_SAGA.commands:
-                    problems.append({"field": f"faults.{name}",
-                                     "message": "not a step or compensation"})
+                    problems.append(
+                        {"field": f"faults.{name}", "message": "not a step or compensation"}
+                    )
                 elif not FAULT.fullmatch(fault):  # not .match: "$" passes "crash\n"
                     problems.append({"field": f"faults.{name}", "message": "unknown fault"})
     if problems:
-        raise InvalidOrder(problems)
+        raise Invalid(problems)
     return order
 
 

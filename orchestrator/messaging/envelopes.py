@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.enums import Reason
+from orchestrator.ops.masking import TOKEN_PATTERN
 
 # The contract's injectable faults: transient:N, always, fail, crash, hang:S.
 FAULT = re.compile(
@@ -57,7 +58,7 @@ class ReservePayload(CommandPayload):
 
 class ChargePayload(CommandPayload):
     amount_cents: int = Field(gt=0)
-    card_token: str = Field(pattern=r"^tok_[A-Za-z0-9_]{1,64}$")
+    card_token: str = Field(pattern=f"^{TOKEN_PATTERN}$")
 
 
 class CancelPayload(CommandPayload):

@@ -89,6 +89,7 @@ class Settings:
     outbox_grace_s: float
     worker_concurrency: int
     prefetch: int
+    trusted_hosts: tuple[str, ...]
     celery_events: bool
     worker_node: str
     metrics_port: int | None
@@ -149,6 +150,9 @@ def load_settings() -> Settings:
         outbox_grace_s=_float("SAGA_OUTBOX_GRACE_S", 5.0),
         worker_concurrency=_int("SAGA_WORKER_CONCURRENCY", 2),
         prefetch=_int("SAGA_PREFETCH", 4),
+        trusted_hosts=tuple(
+            h.strip() for h in os.environ.get("SAGA_TRUSTED_HOSTS", "").split(",") if h.strip()
+        ),
         celery_events=os.environ.get("SAGA_CELERY_EVENTS") == "1",
         worker_node=os.environ.get("SAGA_WORKER_NODE", ""),
         metrics_port=_int("SAGA_METRICS_PORT", 0) or None,

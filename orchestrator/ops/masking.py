@@ -2,7 +2,10 @@
 
 import re
 
-_TOKEN = re.compile(r"tok_[A-Za-z0-9_]{1,64}")
+# The shape of a card token, declared once: validation (web/schemas.py), the OpenAPI schema and
+# masking all use it.
+TOKEN_PATTERN = r"tok_[A-Za-z0-9_]{1,64}"
+_TOKEN = re.compile(TOKEN_PATTERN)
 
 
 def mask_token(token: str) -> str:

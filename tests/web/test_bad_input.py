@@ -229,9 +229,13 @@ def test_any_invalid_idempotency_key_is_400(client: FlaskClient, key: str) -> No
     assert response.get_json()["error"]["code"] == "invalid_idempotency_key"
 
 
-# Accepted customer ids: 1 to 64 characters, no control character, no lone surrogate.
-valid_customer_ids = st.text(
-    st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), min_size=1, max_size=64)
+# Accepted customer ids (the contract's rule): 1 to 64 characters of letters, marks, digits,
+# punctuation, symbols, spaces and the joiners and marks real text needs, at least one visible.
+_visible = st.characters(codec="utf-8", categories=("L", "N", "P", "S"))
+_allowed = st.characters(codec="utf-8", categories=("L", "M", "N", "P", "S", "Zs")) | \
+    st.sampled_from("\u200c\u200d\u200e\u200f\u061c")
+valid_customer_ids = st.tuples(st.text(_allowed, max_size=31), _visible,
+                               st.text(_allowed, max_size=32)).map("".join)
 
 
 @settings(max_examples=40, deadline=None,
@@ -249,11 +253,30 @@ def test_any_valid_customer_id_round_trips_exactly(client: FlaskClient, cid: str
 # --------------------------------------------------------------------- malformed JSON, sizes
 
 
-@pytest.mark.parametrize("body", [
+# Valid JSON (by construction: brackets paired) nested past MAX_DEPTH: what is wrong is the
+# depth, not the syntax.
+TOO_DEEP = [
     "[" * 30000 + "]" * 30000,                      # 60,000 bytes: under the limit, too deep
     '{"customer_id": ' + "[" * 20000 + "]" * 20000 + "}",
     '{"a": ' * 8000 + "1" + "}" * 8000,
+    '{"customer_id": "[[[[' + "{" * 600 + '", "x": ' + "[" * 513 + "]" * 513 + "}",
+]
+
+
+@pytest.mark.parametrize("body", TOO_DEEP)
+def test_valid_json_nested_too_deep_is_400_json_too_deep(client: FlaskClient, body: str) -> None:
+    response = post_nothing_written(client, body, "application/json", statuses={400})
+    assert response.get_json()["error"]["code"] == "json_too_deep"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(client: FlaskClient) -> None:
+    body = valid_order(customer_id=customer(), pad=["[{" * 300] * 2)
+    assert fields_of(post_json(client, body)) == {"pad"}
+
+
+@pytest.mark.parametrize("body", [
     "[" * 32000,                                   # deep and unterminated
+    "[" * 600 + "}" * 600,                         # deep and mismatched
     '{"customer_id": "c-1", "items": [', '{"customer_id": "c-1",}', "{'customer_id': 'c'}",
     '{"customer_id": "\\ud800', '"\\x00"', "\x00", "-",
     '{"a": 0x10}', '{"a": 01}', '{"a": .5}', '{"a": true false}', "[NaN]", "[-Infinity]",
@@ -406,7 +429,6 @@ def test_a_64_character_customer_id_is_accepted(client: FlaskClient) -> None:
 
 UNICODE_IDS = [
     "\u200fמשתמש-42\u200f",                                 # right-to-left marks around Hebrew
-    "\u202eevil\u202c",                                      # RTL override and pop
     "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466",  # family: ZWJ sequence
     "\U0001f3f3\ufe0f\u200d\U0001f308",                      # rainbow flag
     "\U0001f44d\U0001f3fd",                                  # skin-tone modifier
@@ -414,11 +436,28 @@ UNICODE_IDS = [
     "Z\u0351\u036b\u0343\u036a\u0302a\u0310lgo",              # zalgo
     "नमस्ते",                                                  # Devanagari with virama
     "\u00e9 vs e\u0301",                                      # NFC and NFD must both survive as sent
-    "\ufeffbom",                                              # a BOM inside the value
-    "\u2028line\u2029para",                                   # Unicode line/paragraph separators
-    "\uffff\ufffe",                                          # noncharacters
     "日本語のお客様",
+    "\u200c\u200d\u200e\u200f\u061c-x",                          # the joiners and marks text needs
+    "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f",  # England: a tag sequence
+    "1\ufe0f\u20e3 \U0001f1eb\U0001f1f7",                       # keycap, flag of two indicators
+    "Jean\u00a0Dupont",                                       # a no-break space inside text
 ]
+
+# Refused by the contract's rule (they were accepted and round-tripped before it). The
+# noncharacters U+FFFF and U+FFFE are unassigned (category Cn).
+DISGUISING_IDS = [
+    "\u202eevil\u202c", "\ufeffbom", "\u2028line\u2029para", "\uffff\ufffe",
+    " ", "   ", "\t", "\u00a0", "\u3000", "\u2028", "\ufeff", "\ue000", "a\ue000",
+    "\U000f0000", "\U0010fffd", "a\u0378", "\U000e0041\U000e0042", "a\U000e0001",
+    "\u200b" * 64, "a\u200b", "\u200d" * 3, "\u0301", "\u202a-x", "x\u2066y\u2069",
+    "\u2067x", "\u2068x", "\u202dx", "\u202bx", "a\u2029b", "\u00ad",
+]
+
+
+@pytest.mark.parametrize("cid", DISGUISING_IDS)
+def test_invisible_and_disguising_customer_ids_are_422(client: FlaskClient, cid: str) -> None:
+    details = assert_error(post_json(client, valid_order(customer_id=cid)), 422)["details"]
+    assert [d["field"] for d in details] == ["customer_id"]
 
 
 @pytest.mark.parametrize("cid", UNICODE_IDS)

@@ -178,7 +178,7 @@ def test_content_type_comes_before_json_parsing(client: FlaskClient) -> None:
 
 @pytest.mark.parametrize("body", [
     b"", b"{", b"[1,]", b"{'a': 1}", b"NaN", b"Infinity", b'{"q": -Infinity}', b"\xff\xfe\xfd",
-    b'{"customer_id": "c"} trailing', b"1" * 5000,
+    b'{"customer_id": "c"} trailing',
 ])
 def test_malformed_json_is_400(client: FlaskClient, body: bytes) -> None:
     response = client.post("/orders", data=body, content_type="application/json")

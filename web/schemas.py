@@ -1,0 +1,449 @@
+"""The HTTP contract as pydantic models: every request and response body, the source of
+/openapi.json (web/openapi.py). Validation and the published schema carry the same limits.
+
+Input models are strict (no coercion, no unknown field). Output models are closed too, so a
+field added to a view and not here fails the tests instead of drifting from the description.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictInt,
+    WithJsonSchema,
+)
+
+from models.enums import (
+    CompensationStatus,
+    DeadLetterState,
+    OrderStatus,
+    Reason,
+    SagaState,
+    StepStatus,
+)
+from orchestrator.ops.masking import TOKEN_PATTERN, mask_text
+
+MAX_LINES = 50
+MAX_QUANTITY = 1000
+MAX_NOTE = 500
+MAX_BULK = 200
+PAGE_SIZE = 50
+# A dead letter id is a PostgreSQL bigint: anything outside cannot exist (404, not a 500).
+MAX_BIGINT = 2**63 - 1
+
+# ---------------------------------------------------------------- text rules
+
+# Format characters that real text needs: joiners (emoji ZWJ sequences, Indic scripts) and the
+# directional marks (which, unlike overrides and isolates, cannot reorder the text around them).
+_ALLOWED_FORMAT = frozenset("\u200c\u200d\u200e\u200f\u061c")
+# Tag characters only inside an emoji tag sequence (a subdivision flag such as England's).
+_EMOJI_TAG_SEQUENCE = re.compile("\U0001f3f4[\U000e0020-\U000e007e]+\U000e007f")
+_REFUSED_CATEGORIES = {
+    "Cc": "a control character",
+    "Cs": "a lone surrogate",
+    "Co": "a private-use character",
+    "Cn": "an unassigned character or noncharacter",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
+}
+_BIDI_CONTROLS = frozenset(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
+_VISIBLE_CATEGORIES = ("L", "N", "P", "S")  # letters, digits, punctuation, symbols
+
+
+def _codepoint(ch: str) -> str:
+    return f"U+{ord(ch):04X}"
+
+
+def _format_character(ch: str) -> str:
+    if ch in _BIDI_CONTROLS:
+        return "a bidirectional override, embedding or isolate"
+    if ch == "\ufeff":
+        return "a byte order mark"
+    return "an invisible format character"
+
+
+def check_visible_text(value: str) -> str:
+    """The contract's rule for text people read (customer ids, return reasons): at least one
+    visible character; no control, surrogate, private-use, unassigned, line or paragraph
+    separator, bidirectional control, BOM or other invisible format character, except the
+    joiners and marks real text needs and tags inside an emoji tag sequence."""
+    in_tag_sequence = {
+        i for m in _EMOJI_TAG_SEQUENCE.finditer(value) for i in range(m.start(), m.end())
+    }
+    for i, ch in enumerate(value):
+        category = unicodedata.category(ch)
+        if category in _REFUSED_CATEGORIES:
+            raise ValueError(f"must not contain {_REFUSED_CATEGORIES[category]} ({_codepoint(ch)})")
+        if category == "Cf" and ch not in _ALLOWED_FORMAT and i not in in_tag_sequence:
+            raise ValueError(f"must not contain {_format_character(ch)} ({_codepoint(ch)})")
+    if not any(unicodedata.category(ch)[0] in _VISIBLE_CATEGORIES for ch in value):
+        raise ValueError(
+            "must contain at least one visible character (letter, digit, punctuation or symbol)"
+        )
+    return value
+
+
+def check_no_controls(value: str) -> str:
+    """No control characters (newline and tab included: a note is one line) and no lone
+    surrogates (which no database or log can store)."""
+    for ch in value:
+        category = unicodedata.category(ch)
+        if category in ("Cc", "Cs"):
+            raise ValueError(f"must not contain {_REFUSED_CATEGORIES[category]} ({_codepoint(ch)})")
+    return value
+
+
+VISIBLE_RULE = (
+    "at least one visible character (letter, digit, punctuation, symbol); no control, "
+    "surrogate, private-use or unassigned character, no line or paragraph separator, no "
+    "bidirectional override/embedding/isolate (U+202A-U+202E, U+2066-U+2069), no U+FEFF; "
+    "U+200C, U+200D, U+200E, U+200F, U+061C and emoji sequences are accepted"
+)
+
+# Reusable: ``Annotated[VisibleText, Field(min_length=..., max_length=...)]`` (a return reason
+# is ``Annotated[VisibleText, Field(max_length=200)]``).
+VisibleText = Annotated[str, AfterValidator(check_visible_text), Field(description=VISIBLE_RULE)]
+CustomerId = Annotated[VisibleText, Field(min_length=1, max_length=64)]
+Sku = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_no_controls)]
+CardToken = Annotated[str, Field(pattern=f"^{TOKEN_PATTERN}$")]
+Quantity = Annotated[StrictInt, Field(ge=1, le=MAX_QUANTITY)]
+
+
+def _blank_is_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
+Note = Annotated[
+    str,
+    Field(max_length=MAX_NOTE, description="one line: no control characters, no surrogates"),
+    AfterValidator(check_no_controls),
+]
+OptionalNote = Annotated[Note | None, BeforeValidator(_blank_is_none)]
+
+# ---------------------------------------------------------------- requests
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ItemIn(_In):
+    sku: Sku
+    quantity: Quantity
+
+
+class PaymentIn(_In):
+    card_token: CardToken
+
+
+class OrderIn(_In):
+    customer_id: CustomerId
+    items: Annotated[list[ItemIn], Field(min_length=1, max_length=MAX_LINES)]
+    payment: PaymentIn
+    faults: (
+        Annotated[
+            dict[str, str],
+            Field(
+                description="only when SAGA_FAULT_INJECTION=1: step or compensation name -> "
+                "transient:N | always | fail | crash | hang:S"
+            ),
+        ]
+        | None
+    ) = None
+
+
+class ActionIn(_In):
+    """The body of POST /admin/sagas/<id>/retry and /compensate."""
+
+    note: OptionalNote = None
+
+
+class BulkIn(_In):
+    action: Literal["retry", "compensate"]
+    saga_ids: Annotated[list[str], Field(min_length=1, max_length=MAX_BULK)]
+    note: OptionalNote = None
+
+
+class LetterActionIn(_In):
+    """POST /admin/dead-letters/<id>/replay and /discard take no field."""
+
+
+LetterId = Annotated[int, Field(ge=1, le=MAX_BIGINT)]
+
+
+class SagaListQuery(_In):
+    """GET /admin/sagas's query; ``q`` is free text (an id that matches nothing finds nothing)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    state: Annotated[
+        Literal["stuck", "running", "compensating", "completed", "compensated", "failed"] | None,
+        BeforeValidator(_blank_is_none),
+    ] = None
+    q: Annotated[str | None, Field(description="an order id or a saga id")] = None
+    cursor: Annotated[
+        str | None,
+        BeforeValidator(_blank_is_none),
+        Field(description="`next` of the previous page"),
+    ] = None
+
+
+# ---------------------------------------------------------------- responses
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat()
+
+
+# Timestamps keep the exact text the read side writes (isoformat, "+00:00").
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(_iso, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+# Text from the system or an operator: card tokens masked wherever it is shown.
+Masked = Annotated[str, AfterValidator(mask_text)]
+
+EVENT_NAMES = (
+    "saga.started",
+    "step.dispatched",
+    "step.succeeded",
+    "step.failed",
+    "step.retried",
+    "step.timed_out",
+    "step.dead_lettered",
+    "compensation.dispatched",
+    "compensation.succeeded",
+    "compensation.failed",
+    "compensation.parked",
+    "saga.completed",
+    "saga.compensated",
+    "saga.failed",
+    "operator.retry",
+    "operator.compensate",
+    "operator.bulk",
+    "dead_letter.replayed",
+    "dead_letter.discarded",
+    "step.held",
+    "step.released",
+)
+EventName = Literal[EVENT_NAMES]  # type: ignore[valid-type]
+# Events whose detail (an operator's note, a dead letter's story) is for the admin pages only.
+PRIVATE_DETAIL = ("operator.", "dead_letter.", "step.held", "step.released")
+
+
+class Placed(_Out):
+    order_id: uuid.UUID
+    saga_id: uuid.UUID
+    status: OrderStatus
+
+
+class CompensationOut(_Out):
+    name: str
+    status: CompensationStatus
+    attempts: int
+    error: Masked | None
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+
+class StepOut(_Out):
+    name: str
+    status: StepStatus
+    attempts: int
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    error: Masked | None
+    deadline_at: Timestamp | None
+    compensation: CompensationOut | None
+
+
+class PublicEvent(_Out):
+    """A timeline entry as the shop shows it: no actor, no operator or dead-letter detail."""
+
+    at: Timestamp
+    event: EventName
+    step: str | None
+    attempt: int | None
+    detail: Masked | None
+
+    @classmethod
+    def of(cls, event: dict[str, Any]) -> PublicEvent:
+        private = event["event"].startswith(PRIVATE_DETAIL)
+        return cls(
+            at=event["at"],
+            event=event["event"],
+            step=event["step"],
+            attempt=event["attempt"],
+            detail=None if private else event["detail"],
+        )
+
+
+class AdminEvent(_Out):
+    at: Timestamp
+    event: EventName
+    step: str | None
+    attempt: int | None
+    detail: Masked | None
+    actor: str | None
+
+
+class PublicSaga(_Out):
+    saga_id: uuid.UUID
+    state: SagaState
+    stuck: bool
+    steps: list[StepOut]
+    timeline: Annotated[list[PublicEvent], Field(description="oldest first")]
+
+
+class LineOut(_Out):
+    sku: str
+    quantity: int
+    price_cents: int
+
+
+class OrderOut(_Out):
+    order_id: uuid.UUID
+    customer_id: str
+    status: OrderStatus
+    reason: Reason | None
+    total_cents: int
+    card_last4: Annotated[str, Field(max_length=4)]
+    created_at: Timestamp
+    items: list[LineOut]
+    saga: PublicSaga
+
+    @classmethod
+    def of(cls, view: dict[str, Any]) -> OrderOut:
+        """The read side's view of an order, as the public may see it."""
+        saga = view["saga"]
+        public = {**saga, "timeline": [PublicEvent.of(e) for e in saga["timeline"]]}
+        return cls.model_validate({**view, "saga": public})
+
+
+class ProductOut(_Out):
+    sku: str
+    name: str
+    price_cents: int
+    available: int
+    reserved: int
+    sold: int
+
+
+class SagaSummary(_Out):
+    saga_id: uuid.UUID
+    order_id: uuid.UUID
+    state: SagaState
+    stuck: bool
+    current_step: str
+    reason: Reason | None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class Counts(_Out):
+    running: int
+    compensating: int
+    completed: int
+    compensated: int
+    failed: int
+    stuck: int
+
+
+class SagaList(_Out):
+    sagas: Annotated[list[SagaSummary], Field(max_length=PAGE_SIZE)]
+    counts: Counts
+    next: Annotated[str | None, Field(description="the cursor of the next (older) page")]
+
+
+class SagaDetail(_Out):
+    saga_id: uuid.UUID
+    state: SagaState
+    stuck: bool
+    steps: list[StepOut]
+    timeline: Annotated[list[AdminEvent], Field(description="oldest first")]
+    order_id: uuid.UUID
+    order_status: OrderStatus
+    customer_id: str
+    reason: Reason | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    current_step: str
+
+
+class ActionResult(_Out):
+    saga_id: uuid.UUID
+    state: SagaState
+
+
+class BulkItemResult(_Out):
+    saga_id: Annotated[str, Field(description="as sent")]
+    status: Literal[202, 404, 409]
+
+
+class BulkResult(_Out):
+    results: Annotated[list[BulkItemResult], Field(description="one per saga id, in order")]
+
+
+class DeadLetterOut(_Out):
+    id: int
+    saga_id: uuid.UUID | None
+    step: str | None
+    queue: str
+    reason: Masked
+    at: Timestamp
+    state: DeadLetterState
+    body: Annotated[Masked, Field(description="the message as text, card tokens masked")]
+
+
+class DeadLetterList(_Out):
+    dead_letters: list[DeadLetterOut]
+
+
+class LetterActionResult(_Out):
+    id: int
+    state: Literal["replayed", "discarded"]
+
+
+class Health(_Out):
+    database: Literal["ok", "down"]
+    broker: Literal["ok", "down"]
+
+
+class FieldError(_Out):
+    field: str
+    message: str
+
+
+class ErrorDetail(_Out):
+    code: Annotated[str, Field(description="machine-readable, e.g. validation_failed")]
+    message: str
+    details: Annotated[
+        Any, Field(description="for 422: a list of {field, message}; otherwise usually null")
+    ]
+
+
+class Error(_Out):
+    """Every JSON error has this shape."""
+
+    error: ErrorDetail
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """A response model as JSON-ready data (enums as values, timestamps as ISO text)."""
+    return model.model_dump(mode="json")
