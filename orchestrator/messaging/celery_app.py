@@ -106,6 +106,7 @@ def _serve_metrics(**_: object) -> None:
     """The worker's (after its pool started) or beat's metrics endpoint, if it has a port."""
     from orchestrator.ops import process_metrics
 
+    process_metrics.at_zero(tasks=[name for name in app.tasks if not name.startswith("celery.")])
     process_metrics.serve(settings().metrics_port, settings().metrics_addr)
 
 

@@ -193,6 +193,7 @@ class DeadLetterIntake(bootsteps.ConsumerStep):
     """A consumer in the orchestrator worker that drains every dead-letter queue."""
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
+        process_metrics.at_zero(queues=DEAD_LETTER_QUEUES)
         return [
             Consumer(
                 channel,

@@ -137,6 +137,7 @@ class ConfirmingPublisher:
     def __init__(self, url: str, connect_timeout_s: float = 5.0, source: str = "relay") -> None:
         self._url = url
         self.source = source
+        process_metrics.at_zero(sources=[source])
         self._connect_timeout_s = connect_timeout_s
         self._conn: amqp.Connection | None = None
         self._channel: Any = None

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +65,9 @@ PUBLISH_DURATION = Histogram(
 PUBLISHED = Counter(
     "saga_published_messages",
     "Outbox rows published, by source and what the broker answered",
-    ["source", "result"],  # confirmed, refused (nack), unconfirmed (timeout), failed (error)
+    ["source", "result"],
 )
+PUBLISH_RESULTS = ("confirmed", "refused", "unconfirmed", "failed")  # nack, timeout, error
 RELAY_DELAY = Histogram(
     "saga_relay_delay_seconds",
     "From an outbox row's commit to its publish by the relay (or the sweeper)",
@@ -165,6 +166,21 @@ _OUTCOMES = {
 }
 _started: dict[str, float] = {}
 _started_lock = threading.Lock()
+
+
+def at_zero(
+    tasks: Iterable[str] = (), sources: Iterable[str] = (), queues: Iterable[str] = ()
+) -> None:
+    """Create the series a process will count in, at 0: a rate or increase over a series that
+    appears only with its first event misses that event (Prometheus sees no change)."""
+    for task in tasks:
+        for outcome in _OUTCOMES.values():
+            TASKS.labels(task, outcome)
+    for source in sources:
+        for result in PUBLISH_RESULTS:
+            PUBLISHED.labels(source, result)
+    for queue in queues:
+        DEAD_LETTERS_RECORDED.labels(queue)
 
 
 def task_started(task_id: str | None) -> None:

@@ -390,3 +390,19 @@ def test_every_alert_rule_evaluates_and_none_fires_on_a_healthy_system(prometheu
     assert {r["name"]: r["health"] for r in loaded} == {r["alert"]: "ok" for r in rules()}
     firing = [r["name"] for r in loaded if r["state"] == "firing"]
     assert not firing, firing
+
+
+def test_series_exist_at_zero_before_their_first_event(scrapes: dict[str, Samples]) -> None:
+    """So an alert's increase() sees the first dead letter, the first refused publish, the
+    first task of a kind that fails."""
+
+    def has(samples: Samples, name: str, **labels: str) -> bool:
+        return (name, tuple(sorted(labels.items()))) in samples
+
+    recorded = "saga_dead_letters_recorded_total"
+    assert has(scrapes["orchestrator"], recorded, queue="inventory")
+    assert get(scrapes["orchestrator"], recorded, queue="inventory") == 0
+    assert has(
+        scrapes["payment"], "saga_worker_tasks_total", task="payment.refund", outcome="ignored"
+    )
+    assert has(scrapes["relay"], "saga_published_messages_total", source="relay", result="refused")
