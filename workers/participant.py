@@ -86,9 +86,9 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
         request_id=command.request_id,
     ):
         try:
-            faults.before_work(payload.fault, attempt, redelivered)
+            faults.before_work(payload.fault, command, attempt, redelivered)
             result = run_in_transaction(lambda session: handler(session, command, payload))
-            faults.after_work(payload.fault, result.applied_now)
+            faults.after_work(payload.fault, command, attempt, result.applied_now)
         except faults.InjectedRefusal as exc:
             result = Result(False, reason=str(exc))
         except Exception as exc:
@@ -112,11 +112,15 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
             raise _retry_later(task, delay) from exc
         outcome = ReplyOutcome.SUCCEEDED if result.succeeded else ReplyOutcome.FAILED
         send_reply(command, attempt, ReplyPayload(outcome=outcome, reason=result.reason))
+        # "changed nothing" marks a duplicate, a redelivery or a compensation with nothing to
+        # undo: what tests wait for before they assert that nothing changed.
+        notes = [
+            *([result.reason] if result.reason else []),
+            *([] if result.applied_now else ["changed nothing"]),
+            *(["redelivered"] if redelivered else []),
+        ]
         log.info(
-            "attempt %d %s%s",
-            attempt,
-            outcome.value,
-            f" ({result.reason})" if result.reason else "",
+            "attempt %d %s%s", attempt, outcome.value, f" ({', '.join(notes)})" if notes else ""
         )
         return outcome.value
 

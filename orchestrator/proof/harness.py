@@ -24,6 +24,7 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 
+from orchestrator.ops import failpoints
 from orchestrator.ops.config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL
 from orchestrator.ops.processes import PROCESS_TABLE, sagactl
 
@@ -75,7 +76,9 @@ class Sandbox:
     broker_url: str
 
     @classmethod
-    def create(cls, prefix: str = "saga") -> Sandbox:
+    def create(cls, prefix: str = "saga", *, prepare: bool = True) -> Sandbox:
+        """A fresh vhost and database, migrated and seeded; ``prepare=False``: an empty vhost and
+        no database at all (what ``sagactl db upgrade`` finds on a new machine)."""
         name = f"{prefix}_{secrets.token_hex(4)}"
         base_db = sa.make_url(os.environ.get("SAGA_SANDBOX_DATABASE_URL", DEFAULT_DATABASE_URL))
         database_url = base_db.set(database=name).render_as_string(hide_password=False)
@@ -85,7 +88,8 @@ class Sandbox:
         _rabbitmqctl("add_vhost", name)
         _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
         box = cls(name, database_url, broker_url)
-        box.prepare()
+        if prepare:
+            box.prepare()
         return box
 
     def prepare(self) -> None:
@@ -137,6 +141,21 @@ class Running:
     offset: int
     port: int | None = None  # a web's own port (``start("web#2", PORT=...)``)
     metrics_port: int | None = None  # its metrics endpoint (``Processes(metrics=True)``)
+    planned_exit: bool = False  # the harness killed it, or was told it would die
+    exit_noted: bool = False  # its death is already in ``Processes.unplanned`` (or was planned)
+
+
+@dataclass(frozen=True)
+class Exit:
+    """A process that died without anyone planning it: what a failing test or chaos shows."""
+
+    name: str
+    pid: int
+    returncode: int | None
+    tail: str
+
+    def __str__(self) -> str:
+        return f"{self.name} (pid {self.pid}) exited with {self.returncode}; its log ends:\n{self.tail}"
 
 
 @dataclass
@@ -149,6 +168,8 @@ class Processes:
     port: int = field(default_factory=free_port)
     metrics: bool = False  # each process but the web serves /metrics on a port of its own
     running: dict[str, Running] = field(default_factory=dict)
+    # Deaths nobody planned, oldest first, until ``take_unplanned_exits`` hands them out.
+    unplanned: list[Exit] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -163,6 +184,8 @@ class Processes:
     def start(self, name: str, wait: bool = True, **env: str) -> Running:
         """Start ``name`` (``orchestrator#2`` starts a second orchestrator; a second web needs
         its own ``PORT=...``)."""
+        if name in self.running:
+            self._note_exit(self.running[name])  # a death this start would otherwise hide
         base = name.split("#")[0]
         port = int(env.get("PORT") or self.port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -253,8 +276,11 @@ class Processes:
         return [c.pid for c in psutil.Process(self.pid(name)).children()]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Kill the whole process group, as a machine losing the process would."""
+        """Kill the whole process group, as a machine losing the process would (a planned death;
+        one that had already happened on its own is noted as unplanned first)."""
         running = self.running[name]
+        self._note_exit(running)
+        running.planned_exit = True
         if running.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(running.proc.pid, sig)
@@ -267,8 +293,38 @@ class Processes:
     def alive(self, name: str) -> bool:
         return name in self.running and self.running[name].proc.poll() is None
 
+    def expect_exit(self, name: str) -> None:
+        """``name`` is about to die on purpose in a way the harness cannot see (not a kill of its
+        own, not a fail point): its death is planned."""
+        self.running[name].planned_exit = True
+
+    def _failpoints_dir(self) -> str | None:
+        return self.box.env(**self.extra_env).get("SAGA_FAILPOINTS_DIR")
+
+    def _note_exit(self, running: Running) -> None:
+        """If ``running`` has died and nobody planned it (no kill of ours, no fail point that
+        fired in it), keep it in ``unplanned``, once."""
+        if running.exit_noted or running.proc.poll() is None:
+            return
+        running.exit_noted = True
+        if running.planned_exit or running.proc.pid in failpoints.fired_pids(
+            self._failpoints_dir()
+        ):
+            return
+        self.unplanned.append(
+            Exit(running.name, running.proc.pid, running.proc.returncode, self.tail(running.name))
+        )
+
+    def take_unplanned_exits(self) -> list[Exit]:
+        """Every death since the last call that no kill, fail point or ``expect_exit`` explains."""
+        for running in list(self.running.values()):
+            self._note_exit(running)
+        taken, self.unplanned = self.unplanned, []
+        return taken
+
     def stop_all(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
         for running in self.running.values():
+            running.planned_exit = True
             if running.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(running.proc.pid, sig)
