@@ -3,14 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test setup services browser lint unit
+.PHONY: run test setup services browser promtool lint unit
 
 run: setup services  ## install, migrate, seed, start every process, print the URL
 	$(BIN)/sagactl db upgrade
 	$(BIN)/sagactl seed
 	exec $(BIN)/sagactl run
 
-test: setup services browser  ## ruff, mypy, then every test tier
+test: setup services browser promtool  ## ruff, mypy, then every test tier
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
@@ -28,6 +28,9 @@ services:  ## start PostgreSQL and RabbitMQ if they are stopped; fail if they ca
 
 browser:  ## Debian's Chromium for the browser test (Playwright's own download is blocked here)
 	scripts/browser.sh
+
+promtool:  ## Debian's promtool, which checks deploy/'s Prometheus config and alert rules
+	scripts/promtool.sh
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/mypy

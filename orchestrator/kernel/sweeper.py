@@ -14,6 +14,7 @@ from models.outbox import OutboxMessage
 from models.sagas import Saga, SagaStep
 from orchestrator.kernel import engine
 from orchestrator.messaging import outbox
+from orchestrator.ops import process_metrics
 from orchestrator.ops.config import settings
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def relay_stale_outbox() -> int:
         )
     if not stale:
         return 0
-    publisher = outbox.ConfirmingPublisher(settings().broker_url)
+    publisher = outbox.ConfirmingPublisher(settings().broker_url, source="sweeper")
     try:
         total = 0
         while True:
@@ -85,7 +86,11 @@ def relay_stale_outbox() -> int:
 
 def sweep() -> SweepReport:
     report = SweepReport()
-    for saga_id in overdue_saga_ids():
-        report.sagas_acted_on += _act(saga_id)
-    report.outbox_relayed = relay_stale_outbox()
+    with process_metrics.SWEEP_DURATION.time():
+        for saga_id in overdue_saga_ids():
+            report.sagas_acted_on += _act(saga_id)
+        report.outbox_relayed = relay_stale_outbox()
+    process_metrics.SWEEPS.inc()
+    process_metrics.SWEEP_ACTIONS.labels("deadline").inc(report.sagas_acted_on)
+    process_metrics.SWEEP_ACTIONS.labels("outbox").inc(report.outbox_relayed)
     return report

@@ -9,12 +9,25 @@
   queue's delivery limit bounds that loop.
 - confirm_publish: every publish waits for the broker's confirm (quorum queues need it).
 - persistent messages, durable quorum queues, no result backend (replies are messages).
+- task events and remote control (pidbox) only with ``SAGA_CELERY_EVENTS=1``: Flower and
+  ``celery inspect`` then see every worker. Off by default: each task then costs no event
+  messages, and each worker no control queue.
 """
 
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    after_task_publish,
+    beat_init,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
 
 from orchestrator import registry
 from orchestrator.messaging.topology import TASK_EXCHANGE, queue_for_task, service_queues
@@ -68,11 +81,12 @@ def celery_settings(cfg: Settings) -> dict[str, Any]:
         broker_transport_options={"confirm_publish": True},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        worker_send_task_events=False,
-        # No broadcast control channel (pidbox): nothing here uses it, and it is one less
-        # exclusive queue per worker name.
-        worker_enable_remote_control=False,
-        task_send_sent_event=False,
+        # Events and the broadcast control channel (pidbox) for Flower and `celery inspect`.
+        # Safe to turn on: every worker has a node name of its own (`<name>-<pid>@host`, or
+        # SAGA_WORKER_NODE), so two workers never share one mailbox.
+        worker_send_task_events=cfg.celery_events,
+        worker_enable_remote_control=cfg.celery_events,
+        task_send_sent_event=cfg.celery_events,
         beat_schedule={
             "sweep": {
                 "task": "saga.sweep",
@@ -127,10 +141,46 @@ def _fresh_pool_after_fork(**_: object) -> None:
 
 @worker_process_shutdown.connect
 def _write_sent_marks(**_: object) -> None:
-    """A child leaving cleanly marks what its fast path published (else the relay resends it)."""
+    """A child leaving cleanly marks what its fast path published (else the relay resends it),
+    and its live gauges stop counting."""
     from orchestrator.messaging import fastpath
+    from orchestrator.ops import process_metrics
 
     fastpath.flush()
+    process_metrics.mark_exited()
+
+
+@worker_ready.connect
+@beat_init.connect
+def _serve_metrics(**_: object) -> None:
+    """The worker's (after its pool started) or beat's metrics endpoint, if it has a port."""
+    from orchestrator.ops import process_metrics
+
+    process_metrics.at_zero(tasks=[name for name in app.tasks if not name.startswith("celery.")])
+    process_metrics.serve(settings().metrics_port, settings().metrics_addr)
+
+
+@task_prerun.connect
+def _task_started(task_id: str | None = None, **_: object) -> None:
+    from orchestrator.ops import process_metrics
+
+    process_metrics.task_started(task_id)
+
+
+@task_postrun.connect
+def _task_finished(
+    task_id: str | None = None, task: Any = None, state: str | None = None, **_: object
+) -> None:
+    from orchestrator.ops import process_metrics
+
+    process_metrics.task_finished(task_id, getattr(task, "name", "unknown"), state)
+
+
+@after_task_publish.connect
+def _sent(sender: str | None = None, **_: object) -> None:
+    from orchestrator.ops import process_metrics
+
+    process_metrics.CELERY_SENT.labels(sender or "unknown").inc()
 
 
 @setup_logging.connect

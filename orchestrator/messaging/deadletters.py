@@ -28,6 +28,7 @@ from models.enums import DeadLetterState, Reason
 from orchestrator.kernel import engine
 from orchestrator.messaging.celery_app import PUBLISH_RETRY_POLICY
 from orchestrator.messaging.topology import TASK_EXCHANGE, dead_letter_queues, declare_all
+from orchestrator.ops import process_metrics
 from orchestrator.ops.config import settings
 from orchestrator.ops.masking import mask_text
 from orchestrator.registry import TimelineEvent
@@ -179,6 +180,8 @@ def take_in(
         return row_id
 
     row_id = run_in_transaction(work)
+    if row_id is not None:
+        process_metrics.DEAD_LETTERS_RECORDED.labels(source_queue).inc()
     log.warning(
         "dead letter from %s: %s",
         source_queue,
@@ -192,6 +195,7 @@ class DeadLetterIntake(bootsteps.ConsumerStep):
     """A consumer in the orchestrator worker that drains every dead-letter queue."""
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
+        process_metrics.at_zero(queues=dead_letter_queues())
         return [
             Consumer(
                 channel,

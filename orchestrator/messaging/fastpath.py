@@ -79,7 +79,7 @@ class _Publisher:
             try:
                 if self._publisher is None:
                     self._publisher = outbox.ConfirmingPublisher(
-                        settings().broker_url, connect_timeout_s=1.0
+                        settings().broker_url, connect_timeout_s=1.0, source="fast_path"
                     )
                 self._publisher.publish(
                     [outbox.to_wire(row) for row in pending], timeout_s=CONFIRM_TIMEOUT_S

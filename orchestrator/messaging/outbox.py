@@ -19,6 +19,7 @@ import select
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import amqp
@@ -32,7 +33,7 @@ from orchestrator.messaging import fastpath
 from orchestrator.messaging.celery_app import app as celery_app
 from orchestrator.messaging.envelopes import trace_headers
 from orchestrator.messaging.topology import TASK_EXCHANGE, declare_all, queue_for_task
-from orchestrator.ops import failpoints
+from orchestrator.ops import failpoints, process_metrics
 from orchestrator.ops.config import settings
 
 log = logging.getLogger(__name__)
@@ -142,11 +143,14 @@ class ConfirmingPublisher:
     With several broker nodes in the URL, each publisher starts at a random one (connections
     spread over the cluster) and, after a failure, reconnects starting at the next one: kombu
     skips a dead node on connect, and a node that is merely paused is left behind at once.
-    """
 
-    def __init__(self, url: str, connect_timeout_s: float = 5.0) -> None:
+    ``source`` (relay, fast_path, sweeper) labels its publish metrics."""
+
+    def __init__(self, url: str, connect_timeout_s: float = 5.0, source: str = "relay") -> None:
         self._url = url
         self._start = random.randrange(len(url.split(";")))
+        self.source = source
+        process_metrics.at_zero(sources=[source])
         self._connect_timeout_s = connect_timeout_s
         self._conn: amqp.Connection | None = None
         self._channel: Any = None
@@ -183,6 +187,10 @@ class ConfirmingPublisher:
 
     def publish(self, wires: list[_Wire], timeout_s: float = 10.0) -> None:
         """Publish all, then block until the broker confirmed all; raise if any was refused."""
+        with process_metrics.publishing(self.source, len(wires)):
+            self._publish(wires, timeout_s)
+
+    def _publish(self, wires: list[_Wire], timeout_s: float) -> None:
         if self._channel is None:
             self._connect()
         assert self._conn is not None
@@ -218,7 +226,7 @@ def relay_once(session: Session, publisher: ConfirmingPublisher, min_age_s: floa
     # Core, not the ORM: the relay's hot path needs rows, not tracked objects.
     c = _TABLE.c
     query = (
-        sa.select(c.id, c.message_id, c.task, c.queue, c.headers, c.envelope)
+        sa.select(c.id, c.message_id, c.task, c.queue, c.headers, c.envelope, c.created_at)
         .where(c.sent_at.is_(None))
         .order_by(c.id)
         .limit(BATCH)
@@ -232,11 +240,21 @@ def relay_once(session: Session, publisher: ConfirmingPublisher, min_age_s: floa
     if not rows:
         return 0
     publisher.publish([to_wire(row) for row in rows])
+    _observe_delay(publisher.source, [row.created_at for row in rows])
     failpoints.hit("relay.after_publish")
     session.execute(
         sa.update(_TABLE).where(c.id.in_([row.id for row in rows])).values(sent_at=sa.func.now())
     )
     return len(rows)
+
+
+def _observe_delay(source: str, committed: list[Any]) -> None:
+    """How long after their commit the relay (or sweeper) got these rows out."""
+    now = datetime.now(UTC)
+    for created_at in committed:
+        process_metrics.RELAY_DELAY.labels(source).observe(
+            max(0.0, (now - created_at).total_seconds())
+        )
 
 
 def _listen_connection() -> psycopg.Connection[Any]:

@@ -35,6 +35,19 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _prepare_metrics(process: str, always: bool = False) -> None:
+    """A fresh multiprocess-metrics folder for this process, before anything imports
+    prometheus_client (workers and the web fork; see orchestrator/ops/process_metrics.py)."""
+    from orchestrator.ops import metrics_dir
+
+    cfg = settings()
+    metrics_dir.prepare(
+        cfg.process or process,
+        cfg.metrics_dir,
+        enabled=always or cfg.metrics_port is not None,
+    )
+
+
 def _lost_connection(exc: BaseException) -> str | None:
     """Which service a connection error midway through a command is about, if it is one."""
     import kombu.exceptions
@@ -166,6 +179,7 @@ def web(port: int | None, host: str | None, dev: bool) -> None:
     from orchestrator.ops.processes import gunicorn_argv
 
     os.environ.setdefault("SAGA_PROCESS", "web")
+    _prepare_metrics("web", always=not dev)  # its own /metrics serves them
     _load_registry()
     cfg = settings()
     port, host = port or cfg.port, host or cfg.web_host
@@ -225,21 +239,31 @@ def worker(name: str, concurrency: int | None, pool: str) -> None:
     """A Celery worker consuming exactly its service's queue (orchestrator, or a service)."""
     from orchestrator.ops.processes import celery_worker_argv
 
-    _load_registry()
     os.environ.setdefault("SAGA_PROCESS", name)
-    argv = celery_worker_argv(name, concurrency or settings().worker_concurrency, pool)
+    _prepare_metrics(name)
+    _load_registry()
+    argv = celery_worker_argv(
+        name, concurrency or settings().worker_concurrency, pool, settings().worker_node
+    )
     os.execvp(argv[0], argv)
 
 
 @main.command()
 def relay() -> None:
     """Publish committed outbox rows, with publisher confirms."""
+    os.environ.setdefault("SAGA_PROCESS", "relay")
+    _prepare_metrics("relay")
     from orchestrator.messaging.outbox import run_relay
+    from orchestrator.messaging.topology import service_queue_names
+    from orchestrator.ops import process_metrics
     from orchestrator.ops.logs import setup_logging
 
-    os.environ.setdefault("SAGA_PROCESS", "relay")
     _load_registry()
     setup_logging("relay")
+    cfg = settings()
+    # The relay's endpoint also answers for the broker's queues (consumers, depth).
+    queues = process_metrics.QueueCollector(cfg.broker_url, service_queue_names())
+    process_metrics.serve(cfg.metrics_port, cfg.metrics_addr, extra=queues)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -250,6 +274,7 @@ def relay() -> None:
 def beat() -> None:
     """Celery beat: schedules the sweep (deadlines and unsent outbox rows)."""
     os.environ.setdefault("SAGA_PROCESS", "beat")
+    _prepare_metrics("beat")
     _load_registry()
     cfg = settings()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -324,11 +349,12 @@ def cluster(nodes: int, as_json: bool) -> None:
 @click.option("--scale", "scale_text", default=None, help=SCALE_HELP)
 def run(port: int | None, broker_nodes: int, scale_text: str | None) -> None:
     """Every process of the system on this machine; Ctrl-C stops them all."""
-    from orchestrator.ops.processes import Supervisor, instance_names
+    from orchestrator.ops.processes import Supervisor, instance_names, metrics_ports
 
     scale = _scale_option(scale_text)
     cfg = settings()
     _load_registry()
+    names = instance_names(scale)
     port = port or cfg.port
     env = {**os.environ, "PORT": str(port)}
     local = None
@@ -349,9 +375,11 @@ def run(port: int | None, broker_nodes: int, scale_text: str | None) -> None:
         if not cfg.production:
             password = cfg.admin_password.get_secret_value()
             click.echo(f"Admin login:    {cfg.admin_user} / {password}")
+        for name, metrics_port in metrics_ports(names, env.get("SAGA_METRICS_PORT")).items():
+            click.echo(f"Metrics:        {name:<13} http://127.0.0.1:{metrics_port}/metrics")
         click.echo("Ctrl-C stops everything.\n")
 
-    sup = Supervisor.for_names(instance_names(scale), env, port, say=click.echo)
+    sup = Supervisor.for_names(names, env, port, say=click.echo)
     try:
         code = sup.run(on_ready=ready)
     finally:

@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     web_workers: int = _env("SAGA_WEB_WORKERS", 2, ge=1)
     web_threads: int = _env("SAGA_WEB_THREADS", 8, ge=1)
 
+    # --- Celery's own tools and per-process metrics
+    celery_events: bool = _env("SAGA_CELERY_EVENTS", False)  # task events + remote control
+    worker_node: str = _env("SAGA_WORKER_NODE", "")  # node name template, e.g. "{name}@%h"
+    metrics_port: int | None = _env("SAGA_METRICS_PORT", None, ge=1, le=65535)
+    metrics_addr: str = _env("SAGA_METRICS_ADDR", "127.0.0.1")
+    metrics_dir: str = _env("SAGA_METRICS_DIR", "")
+
     # --- logs and process identity
     process: str | None = _env("SAGA_PROCESS")  # set by sagactl for each process it starts
     log_json: bool = _env("SAGA_LOG_JSON", False)

@@ -1,4 +1,5 @@
-"""Prometheus metrics computed from the database of record at scrape time.
+"""Prometheus metrics computed from the database of record at scrape time (served by the web,
+followed by the web process's own counters from orchestrator/ops/process_metrics.py).
 
 Every number comes from the tables every process writes, so it is the same whichever gunicorn
 worker or Celery child answers, survives restarts, and no per-process registry has to be merged.
@@ -40,6 +41,7 @@ from models.enums import DeadLetterState, SagaState
 from models.sagas import SagaStep
 from orchestrator import queries
 from orchestrator.messaging import outbox
+from orchestrator.ops import process_metrics
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -190,6 +192,13 @@ def _saga_metrics(counts: dict[str, int]) -> Iterator[Metric]:
         "Sagas whose current step or compensation is past its deadline",
         value=counts["stuck"],
     )
+    # The state itself, for alerts: saga_finished_total{outcome="failed"} is a counter that an
+    # operator's retry can lower, and a rate over it reads that as a reset.
+    yield GaugeMetricFamily(
+        "saga_parked",
+        "Sagas parked now (failed: a compensation gave up), waiting for an operator",
+        value=counts[SagaState.FAILED.value],
+    )
 
 
 def _step_metrics(stats: dict[str, StepStats]) -> Iterator[Metric]:
@@ -222,4 +231,5 @@ _registry.register(SagaCollector())
 
 
 def render() -> bytes:
-    return generate_latest(_registry)
+    """The database's numbers, then what this web process counted itself (its fast path)."""
+    return generate_latest(_registry) + process_metrics.render()

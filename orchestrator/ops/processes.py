@@ -88,7 +88,20 @@ def sagactl(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.ops.cli", *args]
 
 
-def celery_worker_argv(name: str, concurrency: int, pool: str = "prefork") -> list[str]:
+DEFAULT_WORKER_NODE = "{name}-{pid}@%h"
+
+
+def worker_node_name(name: str, template: str = "") -> str:
+    """Unique per process, so two orchestrators (or two of any worker) may run side by side and
+    each has a control mailbox of its own. ``SAGA_WORKER_NODE`` is the template: ``{name}`` and
+    ``{pid}`` are filled here, ``%h`` (the host name) by Celery; in a container, where the host
+    name is already unique, ``{name}@%h``."""
+    return (template or DEFAULT_WORKER_NODE).format(name=name, pid=os.getpid())
+
+
+def celery_worker_argv(
+    name: str, concurrency: int, pool: str = "prefork", node: str = ""
+) -> list[str]:
     module, queue = workers()[name]
     return [
         sys.executable,
@@ -100,8 +113,7 @@ def celery_worker_argv(name: str, concurrency: int, pool: str = "prefork") -> li
         "-Q",
         queue,
         "-n",
-        # Unique per process: two orchestrators (or two of any worker) may run side by side.
-        f"{name}-{os.getpid()}@%h",
+        worker_node_name(name, node),
         "--concurrency",
         str(concurrency),
         "--pool",
@@ -153,6 +165,15 @@ def wait_for_http(url: str, timeout_s: float) -> bool:
     return False
 
 
+def metrics_ports(names: Sequence[str], base: str | None) -> dict[str, int]:
+    """``sagactl run`` with ``SAGA_METRICS_PORT=P``: each process but the web (which serves
+    /metrics on its own port) gets its own endpoint, on P, P+1, ... in the process table's order."""
+    if not base:
+        return {}
+    served = [name for name in names if name != "web"]
+    return {name: int(base) + i for i, name in enumerate(served)}
+
+
 @dataclass
 class Child:
     name: str
@@ -184,11 +205,15 @@ class Supervisor:
         say: Callable[[str], None] = print,
     ) -> Supervisor:
         children = []
+        ports = metrics_ports(names, env.get("SAGA_METRICS_PORT"))
         for name in names:
             args = process_table()[base_name(name)]
             if name == "web":
                 args = [*args, "--port", str(port)]
-            children.append(Child(name, sagactl(*args), {**env, "SAGA_PROCESS": name}))
+            own = {"SAGA_PROCESS": name}
+            if name in ports:
+                own["SAGA_METRICS_PORT"] = str(ports[name])
+            children.append(Child(name, sagactl(*args), {**env, **own}))
         return cls(children, say)
 
     def _stop(self, *_: object) -> None:

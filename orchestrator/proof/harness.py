@@ -216,6 +216,7 @@ class Running:
     log: Path
     offset: int
     port: int | None = None  # a web's own port (``start("web#2", PORT=...)``)
+    metrics_port: int | None = None  # its metrics endpoint (``Processes(metrics=True)``)
     planned_exit: bool = False  # the harness killed it, or was told it would die
     exit_noted: bool = False  # its death is already in ``Processes.unplanned`` (or was planned)
 
@@ -241,6 +242,7 @@ class Processes:
     log_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    metrics: bool = False  # each process but the web serves /metrics on a port of its own
     running: dict[str, Running] = field(default_factory=dict)
     # Deaths nobody planned, oldest first, until ``take_unplanned_exits`` hands them out.
     unplanned: list[Exit] = field(default_factory=list)
@@ -265,11 +267,18 @@ class Processes:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name.replace('#', '-')}.log"
         offset = log.stat().st_size if log.exists() else 0
+        metrics: dict[str, str] = {}
+        if self.metrics and base != "web":
+            metrics = {
+                "SAGA_METRICS_PORT": str(free_port()),
+                "SAGA_METRICS_DIR": str(self.log_dir / "metrics"),
+            }
         proc_env = self.box.env(
             **{
                 "SAGA_PROCESS": name,
                 "PORT": str(port),
                 "SAGA_BEAT_SCHEDULE": str(self.log_dir / f"beat-{name}.db"),
+                **metrics,
                 **self.extra_env,
                 **env,
             }
@@ -282,7 +291,10 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        running = Running(name, proc, log, offset, port)
+        metrics_port = proc_env.get("SAGA_METRICS_PORT")
+        running = Running(
+            name, proc, log, offset, port, int(metrics_port) if metrics_port else None
+        )
         self.running[name] = running
         if wait:
             self.wait_ready(name, base)

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from kombu import Connection
 
 from models.db import transaction
-from orchestrator.messaging.topology import SERVICE_QUEUE_NAMES
+from orchestrator.messaging.topology import service_queue_names
 from orchestrator.ops import audit
 from orchestrator.ops.cluster import Cluster, process_running
 from orchestrator.ops.processes import instance_names, sagactl, scalable
@@ -236,7 +236,7 @@ def test_many_processes_declare_the_topology_at_once_with_the_replica_count(
             for line in listed.splitlines()
             if line.count("\t") == 2
         }
-        expected = {*SERVICE_QUEUE_NAMES, *(f"{q}.dead" for q in SERVICE_QUEUE_NAMES)}
+        expected = {*service_queue_names(), *(f"{q}.dead" for q in service_queue_names())}
         assert {q: members.get(q) for q in expected} == dict.fromkeys(expected, 3)
         # Every process must agree on SAGA_QUEUE_REPLICAS: the broker refuses another count.
         other = _declaring(url, 1)

@@ -55,7 +55,11 @@ CONTRACT_VARIABLES = {
     "SAGA_SWEEP_S",
 }
 INFRA = {"postgres", "rabbitmq", "migrate"}
+# The operators' tools beside the system (issue 12: Flower, Prometheus, Grafana).
+TOOLS = {"flower", "prometheus", "grafana"}
+WORKERS = {"orchestrator", "inventory", "payment", "orders"}
 SECRETS = {"SECRET_KEY": "k" * 40, "SAGA_ADMIN_PASSWORD": "a-strong-password"}
+TOOL_SECRETS = {"FLOWER_BASIC_AUTH": "ops:a-flower-password", "GRAFANA_ADMIN_PASSWORD": "a-grafana"}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +119,7 @@ def check_cli(args: list[str]) -> None:
 
 
 def test_services_are_the_contracts_processes_plus_infrastructure(services: dict) -> None:
-    assert set(services) == set(CONTRACT_PROCESSES) | INFRA
+    assert set(services) == set(CONTRACT_PROCESSES) | INFRA | TOOLS
     assert set(PROCESS_TABLE) == set(CONTRACT_PROCESSES)
 
 
@@ -171,7 +175,7 @@ def test_healthchecks(services: dict) -> None:
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert "rabbitmq-diagnostics" in services["rabbitmq"]["healthcheck"]["test"]
     assert "/healthz" in " ".join(services["web"]["healthcheck"]["test"])
-    for name in set(CONTRACT_PROCESSES) - {"web"}:
+    for name in set(CONTRACT_PROCESSES) - {"web"} - WORKERS:
         assert "health.check()" in " ".join(services[name]["healthcheck"]["test"]), name
 
 
@@ -223,7 +227,8 @@ def test_the_web_binds_every_interface_in_its_container(
 
 
 def test_the_healthchecks_import_what_exists(services: dict) -> None:
-    for name in set(CONTRACT_PROCESSES) - {"web"}:
+    # The workers' healthchecks ping the worker itself (test further down), importing nothing.
+    for name in set(CONTRACT_PROCESSES) - {"web"} - WORKERS:
         code = services[name]["healthcheck"]["test"][-1]
         imports = re.findall(r"from [\w.]+ import \w+", code)
         assert imports, code
@@ -276,3 +281,96 @@ def test_every_template_and_static_file_is_packaged() -> None:
         p for g in globs for p in web.glob(g)
     }  # a glob's * stops at a "/", as in setuptools
     assert files and files - packaged == set()
+
+
+# ---------------------------------------------------------------- Celery's tools, metrics
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """``source:target[:mode]`` volumes as source -> target."""
+    return {v.split(":")[0]: v.split(":")[1] for v in service["volumes"]}
+
+
+def _shell_words(check: dict[str, Any]) -> list[str]:
+    assert check["test"][0] == "CMD-SHELL", check
+    return shlex.split(check["test"][1])
+
+
+@pytest.mark.parametrize("name", sorted(WORKERS))
+def test_each_worker_is_healthy_when_it_answers_a_ping_to_its_own_node(
+    services: dict, name: str
+) -> None:
+    """``celery inspect ping`` against the worker itself: the node its SAGA_WORKER_NODE names,
+    on this container's host name (Celery's %h is the host name, as $HOSTNAME is in a container)."""
+    from orchestrator.ops.processes import worker_node_name
+
+    words = _shell_words(services[name]["healthcheck"])
+    assert words[:4] == ["celery", "-A", "orchestrator.messaging.celery_app", "inspect"]
+    assert words[-1] == "ping"
+    destination = words[words.index("--destination") + 1]
+    env = environment(services[name], SECRETS)
+    # Compose turns $$ into $: the shell sees $HOSTNAME.
+    assert destination.replace("$$HOSTNAME", "%h") == worker_node_name(
+        name, env["SAGA_WORKER_NODE"]
+    )
+    assert "{pid}" not in env["SAGA_WORKER_NODE"]  # a healthcheck cannot know the worker's pid
+    timeout = float(words[words.index("--timeout") + 1])
+    assert timeout < float(services[name]["healthcheck"]["timeout"].rstrip("s"))
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT_PROCESSES))
+def test_every_process_sends_events_answers_control_and_serves_metrics(
+    services: dict, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = environment(services[name], SECRETS)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    loaded = config.load_settings()
+    assert loaded.celery_events  # Flower and the workers' healthchecks need it
+    if name != "web":  # the web serves /metrics on its own port
+        assert loaded.metrics_port == 9100 and loaded.metrics_addr == "0.0.0.0"
+
+
+def test_flower_watches_the_same_broker_behind_basic_auth(services: dict) -> None:
+    flower = services["flower"]
+    broker = next(a for a in flower["command"] if a.startswith("--broker="))
+    app_broker = environment(services["payment"], SECRETS)["BROKER_URL"]
+    assert interpolate(broker.removeprefix("--broker="), {}) == app_broker
+    assert "flower" in flower["command"]
+    assert environment(flower, TOOL_SECRETS)["FLOWER_BASIC_AUTH"] == "ops:a-flower-password"
+    with pytest.raises(MissingVariable, match="FLOWER_BASIC_AUTH"):
+        environment(flower, {})  # no default password
+    assert flower["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}
+    assert all(str(p).startswith("127.0.0.1:") for p in flower["ports"])
+
+
+def test_prometheus_loads_deploy_and_scrapes_the_processes_ports(services: dict) -> None:
+    prometheus = services["prometheus"]
+    mounts = _mounts(prometheus)
+    assert mounts["./deploy/prometheus"] == "/etc/prometheus"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert (ROOT / "deploy" / "prometheus" / "prometheus.yml").is_file()
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    ports = {
+        job["job_name"]: {c["port"] for c in job.get("dns_sd_configs", [])}
+        for job in scrape["scrape_configs"]
+    }
+    for name in CONTRACT_PROCESSES:
+        env = environment(services[name], SECRETS)
+        expected = int(env["PORT"]) if name == "web" else int(env["SAGA_METRICS_PORT"])
+        assert ports[name] == {expected}, name
+
+
+def test_grafana_provisions_the_dashboard_with_no_default_password(services: dict) -> None:
+    grafana = services["grafana"]
+    mounts = _mounts(grafana)
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    provider = yaml.safe_load(
+        (ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "saga.yml").read_text()
+    )
+    path = provider["providers"][0]["options"]["path"]
+    assert mounts["./deploy/grafana/dashboards"] == path
+    assert list((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
+    with pytest.raises(MissingVariable, match="GRAFANA_ADMIN_PASSWORD"):
+        environment(grafana, {})
+    assert grafana["depends_on"] == {"prometheus": {"condition": "service_healthy"}}

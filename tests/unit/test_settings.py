@@ -22,6 +22,8 @@ ALLOWED_READS = {
     (Path("orchestrator/ops/cluster.py"), "PATH"),
     # sandbox_in_use saves the sandbox variables it is about to set, to put them back after.
     (Path("orchestrator/proof/harness.py"), "?"),
+    # prometheus_client's own variable, set for this process by metrics_dir.prepare().
+    (Path("orchestrator/ops/process_metrics.py"), "?"),
 }
 
 
