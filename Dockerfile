@@ -20,7 +20,9 @@ RUN pip install . \
 
 USER saga
 # Beat's schedule file and any development secrets live here, never in the code directory.
+# The web binds every interface in a container (its port is published); loopback is the default.
 ENV SAGA_STATE_DIR=/var/lib/saga \
+    SAGA_WEB_HOST=0.0.0.0 \
     PORT=8000
 EXPOSE 8000
 # Run from outside /app, so the installed package (not the copied source) is what runs.

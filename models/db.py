@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,16 +26,16 @@ def get_engine(url: str | None = None) -> sa.Engine:
 
     # Small pools: a Celery child runs one task at a time, and a whole system on one machine must
     # stay well under PostgreSQL's max_connections (100 by default).
-    pool_size = int(os.environ.get("SAGA_DB_POOL_SIZE", "2"))
+    cfg = settings()
     return sa.create_engine(
-        url or settings().database_url,
-        pool_size=pool_size,
-        max_overflow=int(os.environ.get("SAGA_DB_POOL_OVERFLOW", "6")),
+        url or cfg.database_url,
+        pool_size=cfg.db_pool_size,
+        max_overflow=cfg.db_pool_overflow,
         pool_timeout=10,
         connect_args={"connect_timeout": 5},  # a silent database must not hang /healthz
         # A ping per checkout costs a round trip; the workers and the relay rerun a transaction
         # whose connection died (run_in_transaction), so only other processes pay for it.
-        pool_pre_ping=os.environ.get("SAGA_PROCESS") not in _RETRYING_PROCESSES,
+        pool_pre_ping=cfg.process not in _RETRYING_PROCESSES,
         pool_recycle=1800,
     )
 

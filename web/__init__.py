@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import re
 import uuid
 from typing import Any
 
@@ -17,6 +17,9 @@ from orchestrator.ops.config import settings
 from orchestrator.ops.logs import log_context, setup_logging
 
 MAX_BODY = 64 * 1024
+# A client's X-Request-Id is kept only when it is a short visible token: it is written into every
+# log line of the request, so anything else (spaces, brackets, controls) is replaced by a fresh id.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -27,21 +30,21 @@ CSP = (
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     cfg = settings()
     if not logging.getLogger().handlers:
-        setup_logging(os.environ.get("SAGA_PROCESS", "web"))
+        setup_logging(cfg.process or "web")
     app = Flask(__name__)
     app.config.update(
-        SECRET_KEY=cfg.secret_key,
+        SECRET_KEY=cfg.secret_key.get_secret_value(),
         MAX_CONTENT_LENGTH=MAX_BODY,
         MAX_FORM_MEMORY_SIZE=MAX_BODY,
         WTF_CSRF_TIME_LIMIT=None,
         ADMIN_USER=cfg.admin_user,
-        ADMIN_PASSWORD=cfg.admin_password,
+        ADMIN_PASSWORD=cfg.admin_password.get_secret_value(),
         FAULT_INJECTION=cfg.fault_injection,
-        JSON_SORT_KEYS=False,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=cfg.production,
         TRUSTED_HOSTS=list(cfg.trusted_hosts) or None,
     )
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # JSON_SORT_KEYS left in Flask 2.3
     if test_config:
         app.config.update(test_config)
 
@@ -61,7 +64,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     @app.before_request
     def _request_context() -> None:
-        g.request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
         g.log_ctx = log_context(request_id=g.request_id)
         g.log_ctx.__enter__()
 
@@ -77,6 +81,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "same-origin"
+        if "request_id" in g:
+            response.headers["X-Request-Id"] = g.request_id
         return response
 
     return app

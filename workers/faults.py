@@ -7,11 +7,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import sys
 import time
 
-from orchestrator.messaging.envelopes import FAULT
+from orchestrator.messaging.envelopes import FAULT, Command, fault_fired_line
+from orchestrator.ops.config import settings
+
+log = logging.getLogger(__name__)
 
 
 class TransientError(Exception):
@@ -23,10 +28,18 @@ class InjectedRefusal(Exception):
 
 
 def _enabled(fault: str | None) -> bool:
-    return bool(fault) and os.environ.get("SAGA_FAULT_INJECTION") == "1"
+    return bool(fault) and settings().fault_injection
 
 
-def before_work(fault: str | None, attempt: int, redelivered: bool) -> None:
+def _fired(fault: str, command: Command, attempt: int) -> None:
+    """Say that the fault struck, before it does (a crash leaves no other trace of itself)."""
+    log.warning(fault_fired_line(fault, command.type, command.saga_id, attempt))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+
+
+def before_work(fault: str | None, command: Command, attempt: int, redelivered: bool) -> None:
     """Apply the faults that strike before the local work."""
     if not _enabled(fault):
         return
@@ -35,16 +48,21 @@ def before_work(fault: str | None, attempt: int, redelivered: bool) -> None:
     if not match:
         return
     if fault == "always":
+        _fired(fault, command, attempt)
         raise TransientError("injected fault: always")
     if fault == "fail":
+        _fired(fault, command, attempt)
         raise InjectedRefusal("injected fault: fail")
     if match.group("n") and attempt <= int(match.group("n")):
+        _fired(fault, command, attempt)
         raise TransientError(f"injected fault: {fault} (attempt {attempt})")
     if match.group("s") and attempt == 1 and not redelivered:
+        _fired(fault, command, attempt)
         time.sleep(float(match.group("s")))
 
 
-def after_work(fault: str | None, applied_now: bool) -> None:
+def after_work(fault: str | None, command: Command, attempt: int, applied_now: bool) -> None:
     """``crash``: die right after the first attempt committed its effect, before the reply."""
     if _enabled(fault) and fault == "crash" and applied_now:
+        _fired("crash", command, attempt)
         os.kill(os.getpid(), signal.SIGKILL)

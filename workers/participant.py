@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -53,7 +53,15 @@ Handler = Callable[[Session, Command, Any], Result]
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, faults.TransientError | BrokerError | ConnectionError | TimeoutError):
+    # A task past its soft time limit (a hung call) is tried again like any other passing failure.
+    transient = (
+        faults.TransientError,
+        BrokerError,
+        ConnectionError,
+        TimeoutError,
+        SoftTimeLimitExceeded,
+    )
+    if isinstance(exc, transient):
         return True
     return isinstance(exc, DBAPIError) and is_retryable(exc)
 
@@ -86,9 +94,9 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
         request_id=command.request_id,
     ):
         try:
-            faults.before_work(payload.fault, attempt, redelivered)
+            faults.before_work(payload.fault, command, attempt, redelivered)
             result = run_in_transaction(lambda session: handler(session, command, payload))
-            faults.after_work(payload.fault, result.applied_now)
+            faults.after_work(payload.fault, command, attempt, result.applied_now)
         except faults.InjectedRefusal as exc:
             result = Result(False, reason=str(exc))
         except Exception as exc:
@@ -112,11 +120,15 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
             raise _retry_later(task, delay) from exc
         outcome = ReplyOutcome.SUCCEEDED if result.succeeded else ReplyOutcome.FAILED
         send_reply(command, attempt, ReplyPayload(outcome=outcome, reason=result.reason))
+        # "changed nothing" marks a duplicate, a redelivery or a compensation with nothing to
+        # undo: what tests wait for before they assert that nothing changed.
+        notes = [
+            *([result.reason] if result.reason else []),
+            *([] if result.applied_now else ["changed nothing"]),
+            *(["redelivered"] if redelivered else []),
+        ]
         log.info(
-            "attempt %d %s%s",
-            attempt,
-            outcome.value,
-            f" ({result.reason})" if result.reason else "",
+            "attempt %d %s%s", attempt, outcome.value, f" ({', '.join(notes)})" if notes else ""
         )
         return outcome.value
 

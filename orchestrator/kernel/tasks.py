@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 app.steps["consumer"].add(DeadLetterIntake)
 
 # A database outage is retried for a while (about a minute); past that the reply is
-# dead-lettered, recorded, and the step's deadline makes the sweeper ask again.
+# dead-lettered, recorded, and the step's deadline makes the sweeper ask again. Celery counts this
+# backoff in whole seconds (int(max(1.0, backoff)) in celery/app/autoretry.py): 1, 2, 4, 8, 10...
+# each an upper bound under jitter.
 _DB_RETRY = {
     "autoretry_for": (DBAPIError,),
     "max_retries": 12,
-    "retry_backoff": 0.2,
+    "retry_backoff": 1,
     "retry_backoff_max": 10,
     "retry_jitter": True,
 }

@@ -2,17 +2,22 @@
 
 - acks_late + acks_on_failure=False: a message is acked only after its task finished; a task that
   fails for good is rejected (not acked), so RabbitMQ dead-letters it.
+- time limits: a task past its soft limit gets ``SoftTimeLimitExceeded`` (participants retry it as
+  transient); past the hard limit its pool process is killed and, with acks_on_timeout=False, the
+  message is requeued (redelivered; the delivery limit dead-letters one that keeps hanging).
 - reject_on_worker_lost: a message whose worker process died is requeued, not acked; the quorum
   queue's delivery limit bounds that loop.
 - confirm_publish: every publish waits for the broker's confirm (quorum queues need it).
 - persistent messages, durable quorum queues, no result backend (replies are messages).
 """
 
+from typing import Any
+
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
 
 from orchestrator.messaging.topology import TASK_EXCHANGE, queue_for_task, service_queues
-from orchestrator.ops.config import settings
+from orchestrator.ops.config import Settings, settings
 
 # kombu treats a nack during a quorum queue's leader election (about 0.3 s) as a connection error
 # and retries at once; Celery's default of 3 retries let 1-2 publishes fail there (FACTS.md). 40
@@ -33,10 +38,9 @@ def _route(
     return {"queue": queue, "exchange": TASK_EXCHANGE.name, "routing_key": queue}
 
 
-def create_celery() -> Celery:
-    cfg = settings()
-    app = Celery("saga", broker=cfg.broker_url)
-    app.conf.update(
+def celery_settings(cfg: Settings) -> dict[str, Any]:
+    """The app's settings, as data (a test checks that Celery 5.7 reads every one of them)."""
+    return dict(
         task_queues=list(service_queues().values()),
         task_default_exchange=TASK_EXCHANGE.name,
         task_default_exchange_type=TASK_EXCHANGE.type,
@@ -47,7 +51,10 @@ def create_celery() -> Celery:
         task_ignore_result=True,
         result_backend=None,
         task_acks_late=True,
-        task_acks_on_failure_or_timeout=False,
+        task_acks_on_failure=False,
+        task_acks_on_timeout=False,
+        task_time_limit=cfg.task_time_limit_s,
+        task_soft_time_limit=cfg.task_soft_time_limit_s or None,
         task_reject_on_worker_lost=True,
         task_default_delivery_mode="persistent",
         task_publish_retry=True,
@@ -73,6 +80,12 @@ def create_celery() -> Celery:
             },
         },
     )
+
+
+def create_celery() -> Celery:
+    cfg = settings()
+    app = Celery("saga", broker=cfg.broker_url)
+    app.conf.update(celery_settings(cfg))
     return app
 
 
@@ -97,8 +110,6 @@ def _write_sent_marks(**_: object) -> None:
 @setup_logging.connect
 def _our_logging(**_: object) -> None:
     """Replace Celery's log setup: every line carries the saga's ids (see orchestrator.ops.logs)."""
-    import os
-
     from orchestrator.ops.logs import setup_logging as configure
 
-    configure(os.environ.get("SAGA_PROCESS", "worker"))
+    configure(settings().process or "worker")

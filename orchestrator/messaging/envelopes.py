@@ -28,6 +28,16 @@ def is_valid_fault(fault: str) -> bool:
     return bool(FAULT.fullmatch(fault))
 
 
+# The line a participant logs each time an injected fault strikes (chaos counts what fired).
+FAULT_FIRED = re.compile(
+    r"injected fault fired: (?P<fault>\S+) step=(?P<step>\S+) saga=(?P<saga>\S+)"
+)
+
+
+def fault_fired_line(fault: str, step: str, saga_id: uuid.UUID | str, attempt: int) -> str:
+    return f"injected fault fired: {fault} step={step} saga={saga_id} attempt={attempt}"
+
+
 class PoisonMessage(Exception):
     """The message can never be processed: it goes to the dead-letter queue with this reason."""
 

@@ -155,7 +155,9 @@ def _publisher() -> _Publisher:
 
 
 def _process() -> str:
-    return os.environ.get("SAGA_PROCESS", "process")
+    from orchestrator.ops.config import settings
+
+    return settings().process or "process"
 
 
 def flush() -> None:

@@ -1,20 +1,32 @@
-"""``sagactl``: the one command line of the system (processes, database, operations, proof)."""
+"""``sagactl``: the one command line of the system (processes, database, operations, proof).
+
+Settings are read when a command runs, never to show ``--help`` or ``--version``. Exit codes (the
+contract's): 0 ok, 1 a breach or a failed run, 2 bad usage or bad input (configuration included),
+3 a database or broker that cannot be reached.
+"""
 
 from __future__ import annotations
 
+import functools
+import getpass
 import json
 import os
 import signal
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from orchestrator.ops.config import ConfigError, settings
 
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+PACKAGE = "saga-orchestrator"
+F = TypeVar("F", bound=Callable[..., Any])
 
-def _fail(message: str, code: int = 2) -> None:
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -23,13 +35,77 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-@click.group()
+def _lost_connection(exc: BaseException) -> str | None:
+    """Which service a connection error midway through a command is about, if it is one."""
+    import kombu.exceptions
+    import psycopg
+    import sqlalchemy.exc
+
+    if isinstance(exc, sqlalchemy.exc.OperationalError | psycopg.OperationalError):
+        return "database"
+    if isinstance(exc, kombu.exceptions.OperationalError | ConnectionError):
+        return "broker"
+    return None
+
+
+class SagaGroup(click.Group):
+    """Maps the errors every command can meet to the contract's exit codes, in one place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from orchestrator.ops.reach import Unreachable, broker_url_shown, database_url_shown
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except Unreachable as exc:
+            _fail(str(exc), EXIT_UNREACHABLE)
+        except Exception as exc:
+            service = _lost_connection(exc)
+            if service is None:
+                raise
+            cfg = settings()
+            url = (
+                database_url_shown(cfg.database_url)
+                if service == "database"
+                else broker_url_shown(cfg.broker_url)
+            )
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            _fail(f"lost the {service} at {url}: {first}", EXIT_UNREACHABLE)
+
+
+def require(*services: str, sandbox: bool = False) -> None:
+    """Exit 3 unless each of ``services`` answers: ``database``, ``database-server`` (the server
+    alone, for a database about to be created) and ``broker``. ``sandbox``: the servers that
+    sandboxes are made on (bench, chaos), not the configured database and vhost."""
+    from orchestrator.ops import reach
+
+    cfg = settings()
+    db_url = cfg.sandbox_database_url if sandbox else cfg.database_url
+    if "database" in services or "database-server" in services:
+        reach.require_database(db_url, server_only=sandbox or "database-server" in services)
+    if "broker" in services:
+        reach.require_broker(cfg.sandbox_broker_url if sandbox else cfg.broker_url)
+
+
+def needs(*services: str, sandbox: bool = False) -> Callable[[F], F]:
+    """``require(*services)`` before the command runs."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            require(*services, sandbox=sandbox)
+            return fn(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return wrap
+
+
+@click.group(cls=SagaGroup)
+@click.version_option(package_name=PACKAGE, prog_name="sagactl")
 def main() -> None:
     """Run and operate the saga orchestrator."""
-    try:
-        settings()
-    except ConfigError as exc:
-        _fail(str(exc))
 
 
 # ---------------------------------------------------------------- database
@@ -42,6 +118,7 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
+@needs("database-server")
 def db_upgrade(revision: str) -> None:
     """Create the database if missing, then apply the Alembic migrations."""
     from orchestrator.ops import database
@@ -51,6 +128,7 @@ def db_upgrade(revision: str) -> None:
 
 
 @main.command()
+@needs("database")
 def seed() -> None:
     """Create the demo catalogue (idempotent: never resets stock)."""
     from orchestrator.sagas import catalog
@@ -64,6 +142,7 @@ def seed() -> None:
 @main.command()
 @click.argument("sku")
 @click.argument("quantity", type=click.IntRange(min=1))
+@needs("database")
 def restock(sku: str, quantity: int) -> None:
     """Add QUANTITY units of SKU to the available stock."""
     from orchestrator.sagas import catalog
@@ -80,42 +159,23 @@ def restock(sku: str, quantity: int) -> None:
 
 @main.command()
 @click.option("--port", type=int, default=None, help="default: $PORT or 8000")
+@click.option("--host", default=None, help="address to bind (default: $SAGA_WEB_HOST or 127.0.0.1)")
 @click.option("--dev", is_flag=True, help="the Flask development server instead of gunicorn")
-def web(port: int | None, dev: bool) -> None:
+def web(port: int | None, host: str | None, dev: bool) -> None:
     """The Flask app under gunicorn."""
-    port = port or settings().port
-    os.environ.setdefault("SAGA_PROCESS", "web")
-    if dev:
-        from web import create_app
+    from orchestrator.ops.processes import gunicorn_argv
 
-        create_app().run(host="127.0.0.1", port=port, debug=False, threaded=True)
-        return
+    os.environ.setdefault("SAGA_PROCESS", "web")
+    cfg = settings()
+    port, host = port or cfg.port, host or cfg.web_host
     from web import create_app
 
+    if dev:
+        create_app().run(host=host, port=port, debug=False, threaded=True)
+        return
     create_app()  # fail fast (e.g. production without secrets) before forking workers
-    workers = os.environ.get("SAGA_WEB_WORKERS", "2")
-    threads = os.environ.get("SAGA_WEB_THREADS", "8")
-    os.execvp(
-        sys.executable,
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-k",
-            "gthread",
-            "-w",
-            workers,
-            "--threads",
-            threads,
-            "-b",
-            f"0.0.0.0:{port}",
-            "--graceful-timeout",
-            "20",
-            "--access-logfile",
-            "-",
-            "web:create_app()",
-        ],
-    )
+    argv = gunicorn_argv(host, port, cfg.web_workers, cfg.web_threads)
+    os.execvp(argv[0], argv)
 
 
 @main.command()
@@ -148,12 +208,10 @@ def relay() -> None:
 @main.command()
 def beat() -> None:
     """Celery beat: schedules the sweep (deadlines and unsent outbox rows)."""
-    from orchestrator.ops.config import state_dir
-
     os.environ.setdefault("SAGA_PROCESS", "beat")
-    folder = state_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    schedule = os.environ.get("SAGA_BEAT_SCHEDULE") or str(folder / f"beat-schedule-{os.getpid()}")
+    cfg = settings()
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    schedule = str(cfg.beat_schedule or cfg.state_dir / f"beat-schedule-{os.getpid()}")
     os.execvp(
         sys.executable,
         [
@@ -246,7 +304,8 @@ def run(port: int | None, broker_nodes: int, scale_text: str | None) -> None:
         click.echo(f"\nSaga shop:      http://127.0.0.1:{port}/")
         click.echo(f"Admin console:  http://127.0.0.1:{port}/admin")
         if not cfg.production:
-            click.echo(f"Admin login:    {cfg.admin_user} / {cfg.admin_password}")
+            password = cfg.admin_password.get_secret_value()
+            click.echo(f"Admin login:    {cfg.admin_user} / {password}")
         click.echo("Ctrl-C stops everything.\n")
 
     sup = Supervisor.for_names(instance_names(scale), env, port, say=click.echo)
@@ -274,11 +333,12 @@ def demo(url: str | None, count: int, timeout_s: float, as_json: bool) -> None:
     if as_json:
         _print_json(summary)
     if summary["as_expected"] != count:
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
+@needs("database")
 def audit(as_json: bool) -> None:
     """Check the invariants; exit 1 on any breach."""
     from orchestrator.ops import audit as audit_mod
@@ -293,7 +353,7 @@ def audit(as_json: bool) -> None:
         for o in report.orphans:
             click.echo(f"orphan dead letter {o['id']} from {o['queue']}: {o['reason']}")
         click.echo("ok" if report.ok else f"{len(report.violations)} violation(s)")
-    sys.exit(0 if report.ok else 1)
+    sys.exit(0 if report.ok else EXIT_FAILED)
 
 
 @main.group()
@@ -304,6 +364,7 @@ def dlq() -> None:
 @dlq.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--all", "show_all", is_flag=True, help="include replayed and discarded")
+@needs("database")
 def dlq_list(as_json: bool, show_all: bool) -> None:
     from models.db import transaction
     from orchestrator.messaging import deadletters
@@ -330,11 +391,11 @@ def _dlq_act(verb: str, letter_id: int) -> None:
 
     act = deadletters.replay if verb == "replay" else deadletters.discard
     try:
-        act(letter_id, os.environ.get("USER") or "cli")
+        act(letter_id, getpass.getuser() or "cli")
     except deadletters.DeadLetterNotFound:
         _fail(f"no dead letter {letter_id}")
     except deadletters.DeadLetterResolved as exc:
-        _fail(str(exc), code=1)
+        _fail(str(exc), code=EXIT_FAILED)
     click.echo(
         f"dead letter {letter_id} {verb}ed"
         if verb == "replay"
@@ -344,6 +405,7 @@ def _dlq_act(verb: str, letter_id: int) -> None:
 
 @dlq.command("replay")
 @click.argument("letter_id", type=int)
+@needs("database", "broker")
 def dlq_replay(letter_id: int) -> None:
     """Publish the original message to its queue again."""
     _dlq_act("replay", letter_id)
@@ -351,6 +413,7 @@ def dlq_replay(letter_id: int) -> None:
 
 @dlq.command("discard")
 @click.argument("letter_id", type=int)
+@needs("database")
 def dlq_discard(letter_id: int) -> None:
     """Mark a dead letter discarded."""
     _dlq_act("discard", letter_id)
@@ -359,6 +422,7 @@ def dlq_discard(letter_id: int) -> None:
 @main.command()
 @click.option("--older-than", "days", type=click.FloatRange(min=0), required=True, help="days")
 @click.option("--json", "as_json", is_flag=True)
+@needs("database")
 def prune(days: float, as_json: bool) -> None:
     """Delete sent outbox rows, resolved dead letters and idempotency keys older than DAYS."""
     from orchestrator.ops import maintenance
@@ -412,6 +476,7 @@ def prune(days: float, as_json: bool) -> None:
     help="run on a PostgreSQL of its own (initdb on another port) and restart it once",
 )
 @click.option("--json", "as_json", is_flag=True)
+@needs("database", "broker", sandbox=True)
 def chaos(as_json: bool, **options: Any) -> None:
     """Run the system in a sandbox under load, kills and faults; check every invariant after."""
     from orchestrator.proof.chaos import command as chaos_mod
@@ -423,7 +488,7 @@ def chaos(as_json: bool, **options: Any) -> None:
         _print_json(report)
     else:
         click.echo(chaos_mod.render(report))
-    sys.exit(0 if report["ok"] else 1)
+    sys.exit(0 if report["ok"] else EXIT_FAILED)
 
 
 @main.command()
@@ -451,12 +516,13 @@ def bench(as_json: bool, **options: Any) -> None:
     """Saga throughput and latency against a raw Celery chain, in one run."""
     from orchestrator.proof.bench import command as bench_mod
 
+    require("database", "broker", sandbox=options["url"] is None)
     report = bench_mod.run(bench_mod.Options(**options), say=lambda m: click.echo(m, err=True))
     if as_json:
         _print_json(report)
     else:
         click.echo(bench_mod.render(report))
-    sys.exit(0 if report["ok"] else 1)
+    sys.exit(0 if report["ok"] else EXIT_FAILED)
 
 
 if __name__ == "__main__":

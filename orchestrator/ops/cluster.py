@@ -22,7 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RABBITMQ_BIN = Path(os.environ.get("SAGA_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
+# Not the /usr/sbin wrappers: as root they switch to the rabbitmq user and its cookie.
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+# What a node's scripts need (erl, sh); the nodes get no other variable of this process.
+NODE_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 START_TIMEOUT_S = 120.0
 
 
@@ -56,7 +59,7 @@ class Node:
 
     def env(self) -> dict[str, str]:
         return {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PATH": NODE_PATH,
             "HOME": str(self.home),
             "LANG": "C.UTF-8",
             "RABBITMQ_CONF_ENV_FILE": str(self.base / "rabbitmq-env.conf"),

@@ -1,63 +1,39 @@
-"""Settings read from the environment (see the contract's configuration table), in one place."""
+"""Every setting of every process, read from the environment in one place (README, Configuration).
+
+``settings()`` reads them once per process with pydantic-settings: typed, every error reported at
+once, and the secrets held as ``SecretStr`` so a repr or a log line never shows them.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@localhost:5432/sagas"
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672//"
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class ConfigError(RuntimeError):
     """A required setting is missing or malformed; the process must not start."""
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    try:
-        return float(raw) if raw not in (None, "") else default
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+def _env(name: str, default: Any = None, **kw: Any) -> Any:
+    """A field read from the environment variable ``name`` (the one name users see)."""
+    return Field(default, validation_alias=name, **kw)
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    try:
-        return int(raw) if raw not in (None, "") else default
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
-
-
-def _replicas() -> int | None:
-    """SAGA_QUEUE_REPLICAS: quorum queue replicas; every process must agree (the broker refuses
-    a declaration whose ``x-quorum-initial-group-size`` differs from the queue's). Unset: the
-    argument is not sent, so queues declared before the setting existed are still accepted and
-    RabbitMQ's default applies (every node of the cluster: 1 on a single node)."""
-    if os.environ.get("SAGA_QUEUE_REPLICAS", "") == "":
-        return None
-    value = _int("SAGA_QUEUE_REPLICAS", 1)
-    if value < 1:
-        raise ConfigError(f"SAGA_QUEUE_REPLICAS must be 1 or more, got {value}")
-    return value
-
-
-def state_dir() -> Path:
-    """Where development secrets live, shared by every process of one user."""
-    base = os.environ.get("SAGA_STATE_DIR") or os.path.join(
-        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"),
-        "saga-orchestrator",
-    )
-    return Path(base)
-
-
-def _dev_secrets() -> dict[str, str]:
+def _dev_secrets(folder: Path) -> dict[str, str]:
     """Generated once per machine user, so every development process agrees on them."""
-    path = state_dir() / "dev-secrets.json"
+    path = folder / "dev-secrets.json"
     if path.exists():
         loaded: dict[str, str] = json.loads(path.read_text())
         return loaded
@@ -67,7 +43,7 @@ def _dev_secrets() -> dict[str, str]:
         "admin_user": "admin",
         "admin_password": secrets.token_urlsafe(12),
     }
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(values))
     os.chmod(tmp, 0o600)
     try:
@@ -80,93 +56,162 @@ def _dev_secrets() -> dict[str, str]:
     return loaded
 
 
-@dataclass(frozen=True)
-class Settings:
-    database_url: str
-    broker_url: str
-    env: str
-    secret_key: str
-    admin_user: str
-    admin_password: str
-    fault_injection: bool
-    port: int
-    retry_attempts: int
-    retry_base_s: float
-    retry_max_s: float
-    compensation_attempts: int
-    step_timeout_s: float
-    saga_deadline_s: float
-    sweep_s: float
-    outbox_limit: int
-    outbox_fast_path: bool
-    outbox_grace_s: float
-    worker_concurrency: int
-    prefetch: int
-    queue_replicas: int | None  # None: not sent, RabbitMQ's default
-    trusted_hosts: tuple[str, ...]
+class Settings(BaseSettings):
+    """One field per environment variable; field order matters where a default depends on another."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        env_ignore_empty=True,  # an empty variable means "unset", as Compose's ${X:-} gives it
+        validate_default=True,  # the computed defaults below run their validators
+        extra="ignore",
+    )
+
+    # --- the contract's table
+    env: Literal["development", "production"] = _env("SAGA_ENV", "development")
+    database_url: str = _env("DATABASE_URL", DEFAULT_DATABASE_URL)
+    broker_url: str = _env("BROKER_URL", DEFAULT_BROKER_URL)
+    port: int = _env("PORT", 8000, ge=1, le=65535)
+    saga_url: str = _env("SAGA_URL", "")
+    fault_injection: bool = _env("SAGA_FAULT_INJECTION", False)
+    retry_attempts: int = _env("SAGA_RETRY_ATTEMPTS", 5, ge=1)
+    retry_base_s: float = _env("SAGA_RETRY_BASE_S", 0.5, ge=0)
+    retry_max_s: float = _env("SAGA_RETRY_MAX_S", 10.0, ge=0)
+    compensation_attempts: int = _env("SAGA_COMPENSATION_ATTEMPTS", 8, ge=1)
+    step_timeout_s: float = _env("SAGA_STEP_TIMEOUT_S", 30.0, gt=0)
+    saga_deadline_s: float = _env("SAGA_DEADLINE_S", 300.0, gt=0)
+    sweep_s: float = _env("SAGA_SWEEP_S", 5.0, gt=0)
+
+    # --- where state lives (before the secrets: development secrets are kept there)
+    xdg_state_home: Path | None = _env("XDG_STATE_HOME")
+    state_dir: Path = _env("SAGA_STATE_DIR", Path())
+
+    # --- secrets and the admin login (required in production, generated in development)
+    secret_key: SecretStr = _env("SECRET_KEY", SecretStr(""))
+    admin_user: str = _env("SAGA_ADMIN_USER", "")
+    admin_password: SecretStr = _env("SAGA_ADMIN_PASSWORD", SecretStr(""))
+
+    # --- outbox and workers
+    outbox_limit: int = _env("SAGA_OUTBOX_LIMIT", 10_000, ge=1)
+    outbox_fast_path: bool = _env("SAGA_OUTBOX_FAST_PATH", True)
+    outbox_grace_s: float = _env("SAGA_OUTBOX_GRACE_S", 5.0, ge=0)
+    worker_concurrency: int = _env("SAGA_WORKER_CONCURRENCY", 2, ge=1)
+    prefetch: int = _env("SAGA_PREFETCH", 4, ge=1)
+    # Quorum queue replicas (x-quorum-initial-group-size); every process must agree, the broker
+    # refuses a declaration with another count. Unset: not sent, so queues declared before the
+    # setting existed stay acceptable and RabbitMQ's default applies (1 on a single node).
+    queue_replicas: int | None = _env("SAGA_QUEUE_REPLICAS", None, ge=1)
+    # Far above any legitimate task (milliseconds) and the test faults' hang:S (a few seconds).
+    task_time_limit_s: float = _env("SAGA_TASK_TIME_LIMIT_S", 90.0, gt=0)
+    task_soft_time_limit_s: float = _env("SAGA_TASK_SOFT_TIME_LIMIT_S", 60.0, ge=0)
+    db_pool_size: int = _env("SAGA_DB_POOL_SIZE", 2, ge=1)
+    db_pool_overflow: int = _env("SAGA_DB_POOL_OVERFLOW", 6, ge=0)
+    beat_schedule: Path | None = _env("SAGA_BEAT_SCHEDULE")
+
+    # --- the web server
+    web_host: str = _env("SAGA_WEB_HOST", "127.0.0.1", min_length=1)
+    # Comma-separated; empty: any Host header is answered (development).
+    trusted_hosts: Annotated[tuple[str, ...], NoDecode] = _env("SAGA_TRUSTED_HOSTS", ())
+    web_workers: int = _env("SAGA_WEB_WORKERS", 2, ge=1)
+    web_threads: int = _env("SAGA_WEB_THREADS", 8, ge=1)
+
+    # --- logs and process identity
+    process: str | None = _env("SAGA_PROCESS")  # set by sagactl for each process it starts
+    log_json: bool = _env("SAGA_LOG_JSON", False)
+    log_level: LogLevel = _env("SAGA_LOG_LEVEL", "INFO")
+
+    # --- proof tools and test-only knobs
+    rabbitmq_api: str | None = _env("SAGA_RABBITMQ_API")  # bench: management API for counts
+    sandbox_database_url: str = _env("SAGA_SANDBOX_DATABASE_URL", DEFAULT_DATABASE_URL)
+    sandbox_broker_url: str = _env("SAGA_SANDBOX_BROKER_URL", DEFAULT_BROKER_URL)
+    failpoints_dir: Path | None = _env("SAGA_FAILPOINTS_DIR")
+
+    @field_validator("saga_url")
+    @classmethod
+    def _saga_url_defaults_to_the_port(cls, value: str, info: ValidationInfo) -> str:
+        return value or f"http://127.0.0.1:{info.data.get('port', 8000)}"
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir_default(cls, value: Path, info: ValidationInfo) -> Path:
+        if value != Path():
+            return value
+        base = info.data.get("xdg_state_home") or Path(os.path.expanduser("~/.local/state"))
+        return Path(base) / "saga-orchestrator"
+
+    @field_validator("secret_key", "admin_user", "admin_password")
+    @classmethod
+    def _required_or_generated(cls, value: Any, info: ValidationInfo) -> Any:
+        plain = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if plain:
+            return value
+        env = info.data.get("env")
+        if env == "production":
+            raise ValueError("required in production")
+        if env is None or "state_dir" not in info.data:
+            return value  # another error is reported for those fields
+        generated = _dev_secrets(info.data["state_dir"])[info.field_name or ""]
+        return SecretStr(generated) if isinstance(value, SecretStr) else generated
+
+    @field_validator("trusted_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(h.strip() for h in value.split(",") if h.strip())
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("task_soft_time_limit_s")
+    @classmethod
+    def _soft_below_hard(cls, value: float, info: ValidationInfo) -> float:
+        hard = info.data.get("task_time_limit_s")
+        if hard is not None and value >= hard:
+            raise ValueError(f"must be below SAGA_TASK_TIME_LIMIT_S ({hard:g}); 0 turns it off")
+        return value
 
     @property
     def production(self) -> bool:
         return self.env == "production"
 
-    @property
-    def saga_url(self) -> str:
-        return os.environ.get("SAGA_URL") or f"http://127.0.0.1:{self.port}"
+
+SECRET_VARIABLES = ("SECRET_KEY", "SAGA_ADMIN_PASSWORD")
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """The environment variable an error is about (a defaulted field reports its own name)."""
+    head = str(loc[0]) if loc else "settings"
+    field = Settings.model_fields.get(head)
+    alias = field.validation_alias if field is not None else None
+    return alias if isinstance(alias, str) else head
+
+
+def _describe(exc: ValidationError) -> str:
+    """Every problem on a line of its own, named by its environment variable."""
+    lines = []
+    for error in exc.errors():
+        name = _variable(error["loc"])
+        given = error.get("input")
+        shown = isinstance(given, str) and given and name not in SECRET_VARIABLES
+        lines.append(f"{name}: {error['msg']}" + (f" (got {given!r})" if shown else ""))
+    return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
 def load_settings() -> Settings:
-    env = os.environ.get("SAGA_ENV", "development")
-    if env not in ("development", "production"):
-        raise ConfigError(f"SAGA_ENV must be development or production, got {env!r}")
-    secret_key = os.environ.get("SECRET_KEY", "")
-    admin_user = os.environ.get("SAGA_ADMIN_USER", "")
-    admin_password = os.environ.get("SAGA_ADMIN_PASSWORD", "")
-    if env == "production":
-        missing = [
-            name
-            for name, value in (
-                ("SECRET_KEY", secret_key),
-                ("SAGA_ADMIN_USER", admin_user),
-                ("SAGA_ADMIN_PASSWORD", admin_password),
-            )
-            if not value
-        ]
-        if missing:
-            raise ConfigError(f"production needs {', '.join(missing)} set")
-    elif not (secret_key and admin_user and admin_password):
-        dev = _dev_secrets()
-        secret_key = secret_key or dev["secret_key"]
-        admin_user = admin_user or dev["admin_user"]
-        admin_password = admin_password or dev["admin_password"]
-    return Settings(
-        database_url=os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL),
-        broker_url=os.environ.get("BROKER_URL", DEFAULT_BROKER_URL),
-        env=env,
-        secret_key=secret_key,
-        admin_user=admin_user,
-        admin_password=admin_password,
-        fault_injection=os.environ.get("SAGA_FAULT_INJECTION") == "1",
-        port=_int("PORT", 8000),
-        retry_attempts=_int("SAGA_RETRY_ATTEMPTS", 5),
-        retry_base_s=_float("SAGA_RETRY_BASE_S", 0.5),
-        retry_max_s=_float("SAGA_RETRY_MAX_S", 10.0),
-        compensation_attempts=_int("SAGA_COMPENSATION_ATTEMPTS", 8),
-        step_timeout_s=_float("SAGA_STEP_TIMEOUT_S", 30.0),
-        saga_deadline_s=_float("SAGA_DEADLINE_S", 300.0),
-        sweep_s=_float("SAGA_SWEEP_S", 5.0),
-        outbox_limit=_int("SAGA_OUTBOX_LIMIT", 10_000),
-        outbox_fast_path=os.environ.get("SAGA_OUTBOX_FAST_PATH", "1") != "0",
-        outbox_grace_s=_float("SAGA_OUTBOX_GRACE_S", 5.0),
-        worker_concurrency=_int("SAGA_WORKER_CONCURRENCY", 2),
-        prefetch=_int("SAGA_PREFETCH", 4),
-        queue_replicas=_replicas(),
-        trusted_hosts=tuple(
-            h.strip() for h in os.environ.get("SAGA_TRUSTED_HOSTS", "").split(",") if h.strip()
-        ),
-    )
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
 
 
 @lru_cache(maxsize=1)
 def settings() -> Settings:
     """The process-wide settings, read once."""
     return load_settings()
+
+
+def state_dir() -> Path:
+    """Where development secrets and beat's schedule live (``SAGA_STATE_DIR``)."""
+    return settings().state_dir

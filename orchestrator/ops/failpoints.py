@@ -1,12 +1,17 @@
 """Named fail points for crashes an order cannot reach (``SAGA_FAULT_INJECTION=1`` only).
 
 A test arms one by creating the file ``$SAGA_FAILPOINTS_DIR/<name>``; the next process to pass that
-point removes the file (so it fires once) and dies at once, as SIGKILL would.
+point removes the file (so it fires once) and dies at once, as SIGKILL would. Before dying it adds
+``<name> <pid>`` to ``$SAGA_FAILPOINTS_DIR/fired``, so a harness can tell a planned death from a crash.
 """
 
 import os
 import signal
 from pathlib import Path
+
+from orchestrator.ops.config import settings
+
+FIRED = "fired"  # the record of every fail point that fired: "<name> <pid>" a line
 
 NAMES = (
     "relay.after_publish",
@@ -17,14 +22,25 @@ NAMES = (
 
 
 def hit(name: str) -> None:
-    if os.environ.get("SAGA_FAULT_INJECTION") != "1":
+    cfg = settings()
+    if not cfg.fault_injection or cfg.failpoints_dir is None:
         return
-    folder = os.environ.get("SAGA_FAILPOINTS_DIR")
-    if not folder:
-        return
-    marker = Path(folder) / name
+    marker = cfg.failpoints_dir / name
     try:
         marker.unlink()
     except FileNotFoundError:
         return
+    with open(cfg.failpoints_dir / FIRED, "a", encoding="utf-8") as record:  # one short append
+        record.write(f"{name} {os.getpid()}\n")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fired_pids(folder: Path | str | None) -> set[int]:
+    """The pids that fail points of ``folder`` have killed so far."""
+    if not folder:
+        return set()
+    try:
+        lines = (Path(folder) / FIRED).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return set()
+    return {int(line.rsplit(" ", 1)[1]) for line in lines if line.rsplit(" ", 1)[-1].isdigit()}

@@ -2,6 +2,8 @@
 
 Ids come from a context (``log_context``) set by each task and request, or from ``extra=``.
 ``SAGA_LOG_JSON=1`` switches to JSON; ``SAGA_LOG_LEVEL`` sets the level (default INFO).
+Every line is masked (card tokens) and has its control characters escaped, so text from outside
+(a header, a note, an error message) can never start a forged line or move a terminal's cursor.
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from orchestrator.ops.config import settings
 from orchestrator.ops.masking import mask_text
 
 FIELDS = ("saga_id", "order_id", "step", "request_id")
@@ -32,6 +34,37 @@ def log_context(**ids: Any) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
+
+
+def _escape_table() -> dict[int, str]:
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    table = {c: named.get(chr(c), f"\\x{c:02x}") for c in (*range(0x20), *range(0x7F, 0xA0))}
+    table.update({0x2028: "\\u2028", 0x2029: "\\u2029"})  # line/paragraph separators
+    return table
+
+
+_ESCAPES = _escape_table()
+
+
+def escape_controls(text: str) -> str:
+    """C0/C1 controls (CR, LF, ESC, ...) and Unicode line separators as visible escapes."""
+    return text.translate(_ESCAPES)
+
+
+def safe_line(text: str) -> str:
+    """What any log line must go through: tokens masked, control characters escaped."""
+    return escape_controls(mask_text(text))
+
+
+class SafeFormatter(logging.Formatter):
+    """Wraps another process's formatter (gunicorn's) so its lines are masked and escaped too."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return safe_line(self.inner.format(record))
 
 
 class ContextFilter(logging.Filter):
@@ -54,14 +87,14 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "process": self.process_name,
             "logger": record.name,
-            "message": mask_text(record.getMessage()),
+            "message": safe_line(record.getMessage()),
         }
         for field in FIELDS:
             value = getattr(record, field, None)
             if value is not None:
-                data[field] = value
+                data[field] = safe_line(str(value))
         if record.exc_info:
-            data["exc"] = mask_text(self.formatException(record.exc_info))
+            data["exc"] = safe_line(self.formatException(record.exc_info))
         return json.dumps(data)
 
 
@@ -72,14 +105,15 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ids = " ".join(f"{f}={getattr(record, f)}" for f in FIELDS if getattr(record, f, None))
         record.ids = f"[{ids}] " if ids else ""
-        return mask_text(super().format(record))
+        # The whole line, traceback included: one record is one line, whatever its text holds.
+        return safe_line(super().format(record))
 
 
 def setup_logging(process: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
-    as_json = os.environ.get("SAGA_LOG_JSON") == "1"
-    handler.setFormatter(JsonFormatter(process) if as_json else TextFormatter(process))
+    cfg = settings()
+    handler.setFormatter(JsonFormatter(process) if cfg.log_json else TextFormatter(process))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(os.environ.get("SAGA_LOG_LEVEL", "INFO").upper())
+    root.setLevel(cfg.log_level)

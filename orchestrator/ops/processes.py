@@ -101,6 +101,31 @@ def celery_worker_argv(name: str, concurrency: int, pool: str = "prefork") -> li
     ]
 
 
+def gunicorn_argv(host: str, port: int, workers: int, threads: int) -> list[str]:
+    """The web under gunicorn: gthread workers that answer gunicorn's own errors in JSON and a
+    logger that masks and escapes every line (web/serving.py)."""
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-k",
+        "web.serving.JsonErrorWorker",
+        "--logger-class",
+        "web.serving.SafeLogger",
+        "-w",
+        str(workers),
+        "--threads",
+        str(threads),
+        "-b",
+        f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "--graceful-timeout",
+        "20",
+        "--access-logfile",
+        "-",
+        "web:create_app()",
+    ]
+
+
 def wait_for_http(url: str, timeout_s: float) -> bool:
     """Poll ``url`` until it answers 200; False if it never did within ``timeout_s``."""
     import requests

@@ -24,8 +24,9 @@ from typing import Any
 import requests
 import sqlalchemy as sa
 
+from orchestrator.ops import failpoints
 from orchestrator.ops.cluster import Cluster
-from orchestrator.ops.config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL
+from orchestrator.ops.config import settings
 from orchestrator.ops.processes import PROCESS_TABLE, base_name, sagactl
 
 # Short retries and deadlines for a system under test (tests, chaos): the contract's variables.
@@ -91,26 +92,32 @@ class Sandbox:
 
     @classmethod
     def create(
-        cls, prefix: str = "saga", cluster: Cluster | None = None, database_url: str | None = None
+        cls,
+        prefix: str = "saga",
+        *,
+        prepare: bool = True,
+        cluster: Cluster | None = None,
+        database_url: str | None = None,
     ) -> Sandbox:
-        """A vhost on ``cluster`` (else the machine's node) and a database on the server of
-        ``database_url`` (else ``SAGA_SANDBOX_DATABASE_URL`` or the default)."""
+        """A fresh vhost (on ``cluster``, else the machine's node) and database (on the server of
+        ``database_url``, else ``SAGA_SANDBOX_DATABASE_URL``), migrated and seeded;
+        ``prepare=False``: an empty vhost and no database at all (what ``sagactl db upgrade``
+        finds on a new machine)."""
         name = f"{prefix}_{secrets.token_hex(4)}"
-        base_db = sa.make_url(
-            database_url or os.environ.get("SAGA_SANDBOX_DATABASE_URL", DEFAULT_DATABASE_URL)
-        )
+        base_db = sa.make_url(database_url or settings().sandbox_database_url)
         db_url = base_db.set(database=name).render_as_string(hide_password=False)
         if cluster is not None:
             cluster.add_vhost(name)
             broker_url = cluster.url_for_vhost(name)
         else:
-            base_broker = os.environ.get("SAGA_SANDBOX_BROKER_URL", DEFAULT_BROKER_URL)
+            base_broker = settings().sandbox_broker_url
             authority = base_broker.split("://", 1)[1].split("/", 1)[0]
             broker_url = f"{base_broker.split('://', 1)[0]}://{authority}/{name}"
             _rabbitmqctl("add_vhost", name)
             _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
         box = cls(name, db_url, broker_url, cluster)
-        box.prepare()
+        if prepare:
+            box.prepare()
         return box
 
     @property
@@ -187,7 +194,8 @@ def sandbox_in_use(box: Sandbox) -> Iterator[Sandbox]:
     this process used before, e.g. the test session's shared sandbox."""
     from models.db import get_engine
 
-    saved = {name: os.environ.get(name) for name in _SANDBOX_VARIABLES}
+    before = os.environ.copy()
+    saved = {name: before.get(name) for name in _SANDBOX_VARIABLES}
     saved_cluster = _cluster
     use_sandbox(box)
     try:
@@ -209,6 +217,21 @@ class Running:
     log: Path
     offset: int
     port: int | None = None  # a web's own port (``start("web#2", PORT=...)``)
+    planned_exit: bool = False  # the harness killed it, or was told it would die
+    exit_noted: bool = False  # its death is already in ``Processes.unplanned`` (or was planned)
+
+
+@dataclass(frozen=True)
+class Exit:
+    """A process that died without anyone planning it: what a failing test or chaos shows."""
+
+    name: str
+    pid: int
+    returncode: int | None
+    tail: str
+
+    def __str__(self) -> str:
+        return f"{self.name} (pid {self.pid}) exited with {self.returncode}; its log ends:\n{self.tail}"
 
 
 @dataclass
@@ -220,6 +243,8 @@ class Processes:
     extra_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     running: dict[str, Running] = field(default_factory=dict)
+    # Deaths nobody planned, oldest first, until ``take_unplanned_exits`` hands them out.
+    unplanned: list[Exit] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -234,6 +259,8 @@ class Processes:
     def start(self, name: str, wait: bool = True, **env: str) -> Running:
         """Start ``name`` (``orchestrator#2`` starts a second orchestrator; a second web needs
         its own ``PORT=...``)."""
+        if name in self.running:
+            self._note_exit(self.running[name])  # a death this start would otherwise hide
         base = name.split("#")[0]
         port = int(env.get("PORT") or self.port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -314,8 +341,11 @@ class Processes:
         return [c.pid for c in psutil.Process(self.pid(name)).children()]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Kill the whole process group, as a machine losing the process would."""
+        """Kill the whole process group, as a machine losing the process would (a planned death;
+        one that had already happened on its own is noted as unplanned first)."""
         running = self.running[name]
+        self._note_exit(running)
+        running.planned_exit = True
         if running.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(running.proc.pid, sig)
@@ -328,8 +358,38 @@ class Processes:
     def alive(self, name: str) -> bool:
         return name in self.running and self.running[name].proc.poll() is None
 
+    def expect_exit(self, name: str) -> None:
+        """``name`` is about to die on purpose in a way the harness cannot see (not a kill of its
+        own, not a fail point): its death is planned."""
+        self.running[name].planned_exit = True
+
+    def _failpoints_dir(self) -> str | None:
+        return self.box.env(**self.extra_env).get("SAGA_FAILPOINTS_DIR")
+
+    def _note_exit(self, running: Running) -> None:
+        """If ``running`` has died and nobody planned it (no kill of ours, no fail point that
+        fired in it), keep it in ``unplanned``, once."""
+        if running.exit_noted or running.proc.poll() is None:
+            return
+        running.exit_noted = True
+        if running.planned_exit or running.proc.pid in failpoints.fired_pids(
+            self._failpoints_dir()
+        ):
+            return
+        self.unplanned.append(
+            Exit(running.name, running.proc.pid, running.proc.returncode, self.tail(running.name))
+        )
+
+    def take_unplanned_exits(self) -> list[Exit]:
+        """Every death since the last call that no kill, fail point or ``expect_exit`` explains."""
+        for running in list(self.running.values()):
+            self._note_exit(running)
+        taken, self.unplanned = self.unplanned, []
+        return taken
+
     def stop_all(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
         for running in self.running.values():
+            running.planned_exit = True
             if running.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(running.proc.pid, sig)

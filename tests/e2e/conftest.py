@@ -114,7 +114,7 @@ def admin_page(browser: Browser, audited_system: Processes, console: Console) ->
 
     cfg = settings()
     context = _context(browser, audited_system,
-                       {"username": cfg.admin_user, "password": cfg.admin_password})
+                       {"username": cfg.admin_user, "password": cfg.admin_password.get_secret_value()})
     tab = context.new_page()
     console.watch(tab)
     yield tab

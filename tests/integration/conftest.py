@@ -28,10 +28,35 @@ def _shared_system(request: pytest.FixtureRequest) -> Processes | None:
     return system
 
 
+_SYSTEM = pytest.StashKey[Processes]()  # the shared system a test ran against
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A process that died during the test without the test planning it (a harness kill, a fail
+    point, ``expect_exit``) fails that test, with the process's name and the end of its log."""
+    result = yield
+    system: Processes | None = item.stash.get(_SYSTEM, None)
+    exits = system.take_unplanned_exits() if system is not None else []
+    if exits:
+        pytest.fail("unplanned process death(s):\n" + "\n".join(map(str, exits)), pytrace=False)
+    return result
+
+
 @pytest.fixture(autouse=True)
 def _every_process_alive(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test that kills a process must leave the system whole for the next one."""
+    """A test that kills a process must leave the system whole for the next one (a death it did
+    not plan has failed it already, in ``pytest_runtest_call``)."""
     system = _shared_system(request)
+    if system is not None:
+        between = system.take_unplanned_exits()  # since the last test's call: during teardown
+        request.node.stash[_SYSTEM] = system
+        if between:
+            pytest.fail(
+                "unplanned process death(s) after the previous test:\n"
+                + "\n".join(map(str, between)),
+                pytrace=False,
+            )
     yield
     if system is None:
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from models.catalog import Product
 from models.db import transaction
 from orchestrator.ops import audit
 from orchestrator.proof.client import Api
+from orchestrator.proof.harness import Processes
 
 
 def settle_and_audit(timeout_s: float = 60) -> audit.Report:
@@ -26,6 +28,25 @@ def settle_and_audit(timeout_s: float = 60) -> audit.Report:
             break
         time.sleep(0.25)
     return audit.run()
+
+
+def add_dead_letter(saga_id: str | None, state: str = "dead", age_days: float = 0) -> int:
+    """A row as the dead-letter intake writes it (``age_days`` old; resolved then, unless dead),
+    naming ``saga_id`` or nothing. Returns its id."""
+    with transaction() as session:
+        letter_id = session.scalar(
+            sa.text("""
+                INSERT INTO dead_letters (saga_id, step, queue, reason, state, exchange,
+                    routing_key, headers, properties, body, fingerprint, at, resolved_at)
+                VALUES (CAST(:s AS uuid), 'payment.charge', 'payment', 'rejected (test)', :state,
+                    'saga', 'payment', '{}', '{}', '\\x7b7d', :f,
+                    now() - make_interval(secs => :age),
+                    CASE WHEN :resolved THEN now() - make_interval(secs => :age) END)
+                RETURNING id"""),
+            {"s": saga_id, "state": state, "resolved": state != "dead", "f": uuid.uuid4().hex,
+             "age": age_days * 86400},
+        )
+    return int(letter_id)
 
 
 def make_product(stock: int, price_cents: int = 100) -> str:
@@ -119,3 +140,35 @@ def describe(view: dict[str, Any], log_dir: Path | None = None) -> str:
     if log_dir is not None:
         lines.append(log_lines(log_dir, saga["saga_id"]))
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LogCursor:
+    """What one process writes to its log from now on (a restart appends to the same file)."""
+
+    path: Path
+    start: int
+
+    @classmethod
+    def at_end(cls, system: Processes, name: str) -> LogCursor:
+        path = system.running[name].log
+        return cls(path, path.stat().st_size if path.exists() else 0)
+
+    def lines(self, *needles: str) -> list[str]:
+        """The lines written since the cursor was taken that contain every one of ``needles``."""
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            text = f.read().decode("utf-8", errors="replace")
+        return [line for line in text.splitlines() if all(n in line for n in needles)]
+
+    def wait_for(self, *needles: str, count: int = 1, timeout_s: float = 30) -> list[str]:
+        """Until ``count`` such lines are there: the evidence that a message was handled."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.lines(*needles)
+            if len(found) >= count:
+                return found
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{self.path.name}: {len(found)} of {count} line(s) with "
+                                     f"{needles} after {timeout_s}s")
+            time.sleep(0.1)

@@ -32,6 +32,7 @@ def test_a_short_chaos_run_loses_nothing_and_keeps_every_invariant(artifacts: Pa
         capture_output=True, text=True, timeout=DURATION_S + 600,
     )
     assert result.stdout.strip(), result.stderr[-4000:]
+    (artifacts / "chaos" / "report.json").write_text(result.stdout)
     report = json.loads(result.stdout)
     broken = [c for c in report["invariants"] if not c["ok"]]
     assert not broken, json.dumps(broken, indent=2)[:6000] + f"\nlogs: {report['log_dir']}"
@@ -41,6 +42,12 @@ def test_a_short_chaos_run_loses_nothing_and_keeps_every_invariant(artifacts: Pa
     # The run really did something: orders of every kind, and disruptions of several kinds.
     assert report["orders"]["accepted"] >= 150
     assert set(report["faults_injected"]) >= {"transient", "always", "fail", "crash", "hang"}
+    # What fired (the participants' own count) never exceeds what the orders planned.
+    for kind, fired in report["faults_injected"].items():
+        assert 0 < fired <= report["faults_planned"][kind], (kind, report["faults_planned"])
+    # Deaths nobody planned and parks no injected fault explains are part of the verdict.
+    assert _invariant(report, "no unexpected process exit")["ok"]
+    assert _invariant(report, "no saga parked by a disruption")["ok"]
     assert report["disruptions"]["total"] >= 10
     assert {"kill", "close_connections", "terminate_backends"} <= set(
         report["disruptions"]["by_action"])

@@ -20,7 +20,14 @@ from orchestrator.messaging.celery_app import app as celery_app
 from orchestrator.messaging.envelopes import ReplyOutcome, ReplyPayload, make_reply, parse_command
 from orchestrator.proof.client import Api
 from orchestrator.proof.harness import Processes
-from tests.integration.helpers import make_product, order_body, place, product, wait_final
+from tests.integration.helpers import (
+    LogCursor,
+    make_product,
+    order_body,
+    place,
+    product,
+    wait_final,
+)
 
 FAST_PATH_WRITERS = ("web", "orchestrator")
 
@@ -67,6 +74,21 @@ def effects(saga_id: str) -> dict[str, int]:
             {"s": saga_id},
         ).one()
     return {"reservations": row[0], "charges": row[1]}
+
+
+def steps_in(saga_ids: list[str], statuses: tuple[str, ...], step: str | None = None) -> int:
+    """How many forward steps of these sagas (``step`` only, if named) are in ``statuses``:
+    evidence of work in hand."""
+    with transaction() as session:
+        count = session.scalar(
+            sa.text(
+                "SELECT count(*) FROM saga_steps WHERE saga_id = ANY(CAST(:s AS uuid[]))"
+                " AND idx > 0 AND status = ANY(CAST(:st AS text[]))"
+                " AND (CAST(:n AS text) IS NULL OR name = :n)"
+            ),
+            {"s": saga_ids, "st": list(statuses), "n": step},
+        )
+    return int(count or 0)
 
 
 @pytest.fixture
@@ -161,7 +183,10 @@ def test_the_sweeper_sends_what_the_relay_left_unsent(api: Api, system: Processe
 def test_the_orchestrator_killed_mid_run_loses_no_saga(api: Api, system: Processes) -> None:
     sku = make_product(stock=100)
     placed = [place(api, order_body(sku)) for _ in range(20)]
-    time.sleep(0.3)
+    wait_until(
+        lambda: steps_in([p["saga_id"] for p in placed], ("succeeded",)) > 0,
+        what="a reply applied by the orchestrator",
+    )
     system.restart("orchestrator")
     views = api.wait_final([p["order_id"] for p in placed], timeout_s=60)
     assert {v["status"] for v in views.values()} == {"confirmed"}
@@ -184,10 +209,12 @@ def test_a_reply_delivered_twice_makes_one_transition(api: Api, system: Processe
     failed = make_reply(
         command, 1, ReplyPayload(outcome=ReplyOutcome.FAILED, reason="out_of_stock")
     )
+    orchestrator_log = LogCursor.at_end(system, "orchestrator")
     for duplicate in (reply, reply, failed):
         celery_app.send_task("saga.reply", args=[duplicate])
-    time.sleep(2)
-    after = api.order(placed["order_id"])
+    # Each of the three was received and fenced off by its request id...
+    orchestrator_log.wait_for(f"saga_id={placed['saga_id']}", "ignored (not awaited", count=3)
+    after = api.order(placed["order_id"])  # ...and changed nothing
     assert after["saga"] == before["saga"]
     assert after["status"] == "confirmed"
 
@@ -195,7 +222,10 @@ def test_a_reply_delivered_twice_makes_one_transition(api: Api, system: Processe
 def test_a_worker_killed_while_busy_finishes_every_saga_once(api: Api, system: Processes) -> None:
     sku = make_product(stock=100)
     placed = [place(api, order_body(sku, token="tok_visa")) for _ in range(15)]
-    time.sleep(0.2)
+    wait_until(
+        lambda: steps_in([p["saga_id"] for p in placed], ("running",), "payment.charge") > 0,
+        what="a charge dispatched to the payment worker",
+    )
     system.restart("payment")
     views = api.wait_final([p["order_id"] for p in placed], timeout_s=90)
     assert {v["status"] for v in views.values()} == {"confirmed"}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -163,3 +164,65 @@ def test_always_failing_charge_is_dead_lettered_compensated_and_replayable(
             {"s": placed["saga_id"]},
         )
     assert charges == 0
+
+
+# ---------------------------------------------------------------- time limits
+
+
+def wait_for_log(
+    system: Processes, name: str, pattern: str, timeout_s: float = 30
+) -> re.Match[str]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = re.search(pattern, system.output(name))
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{pattern!r} never logged by {name}:\n{system.tail(name)}")
+        time.sleep(0.2)
+
+
+def test_a_task_past_its_hard_time_limit_is_killed_and_redelivered(
+    api: Api, system: Processes
+) -> None:
+    """A hung task cannot hold its pool process forever: at the hard limit the process is killed
+    and, with acks_on_timeout=False, the message is requeued and redelivered (not acked, lost)."""
+    system.restart("inventory", SAGA_TASK_TIME_LIMIT_S="2", SAGA_TASK_SOFT_TIME_LIMIT_S="0")
+    try:
+        placed = place(
+            api, order_body(make_product(stock=2), faults={"inventory.reserve": "hang:60"})
+        )
+        killed = wait_for_log(
+            system,
+            "inventory",
+            r"Hard time limit \(2(\.0)?s\) exceeded for inventory\.reserve\[([\w-]+)\]",
+        )
+        task_id = killed.group(2)
+        # The same message (same task id) runs again, and this time finishes.
+        wait_for_log(system, "inventory", rf"Task inventory\.reserve\[{task_id}\] succeeded")
+        assert wait_final(api, placed["order_id"])["status"] == "confirmed"
+    finally:
+        system.restart("inventory")
+
+
+def test_a_task_past_its_soft_time_limit_is_retried_as_transient(
+    api: Api, system: Processes
+) -> None:
+    system.restart("inventory", SAGA_TASK_TIME_LIMIT_S="10", SAGA_TASK_SOFT_TIME_LIMIT_S="1")
+    try:
+        placed = place(
+            api, order_body(make_product(stock=2), faults={"inventory.reserve": "hang:60"})
+        )
+        wait_for_log(
+            system, "inventory", r"Soft time limit \(1(\.0)?s\) exceeded for inventory\.reserve"
+        )
+        view = wait_final(api, placed["order_id"])
+        assert view["status"] == "confirmed"
+        retried = [
+            e
+            for e in view["saga"]["timeline"]
+            if e["event"] == "step.failed" and e["step"] == "inventory.reserve"
+        ]
+        assert retried and "SoftTimeLimitExceeded" in (retried[0]["detail"] or "")
+    finally:
+        system.restart("inventory")

@@ -10,10 +10,19 @@ import sqlalchemy as sa
 
 from models.db import transaction
 from models.outbox import OutboxMessage
+from orchestrator.messaging.topology import SERVICES
 from orchestrator.proof.client import Api
 from orchestrator.proof.harness import Processes
 from tests.conftest import TEST_TIMINGS
-from tests.integration.helpers import events, make_product, order_body, place, product, wait_final
+from tests.integration.helpers import (
+    LogCursor,
+    events,
+    make_product,
+    order_body,
+    place,
+    product,
+    wait_final,
+)
 
 
 def test_an_order_confirms_and_its_stock_is_sold(api: Api) -> None:
@@ -175,12 +184,17 @@ def test_every_command_delivered_twice_changes_nothing(api: Api, system: Process
             )
         )
     assert [r.task for r in rows] == ["inventory.reserve", "payment.charge", "orders.confirm"]
+    logs = {name: LogCursor.at_end(system, name) for name in ("orchestrator", *SERVICES)}
     publisher = ConfirmingPublisher(settings().broker_url)
     try:
         publisher.publish([to_wire(r) for r in rows])
     finally:
         publisher.close()
-    after = _wait_for_replies(api, placed["order_id"], len(before["saga"]["timeline"]))
+    saga = f"saga_id={placed['saga_id']}"
+    for row in rows:  # each participant got its duplicate and found the effect recorded...
+        logs[row.queue].wait_for(saga, f"step={row.task}", "changed nothing")
+    logs["orchestrator"].wait_for(saga, "ignored (not awaited", count=len(rows))  # ...each reply
+    after = api.order(placed["order_id"])
     assert after["saga"] == before["saga"]  # every duplicate reply was fenced off
     assert product(sku) == {"available": 3, "reserved": 0, "sold": 2}
     with transaction() as session:
@@ -190,10 +204,3 @@ def test_every_command_delivered_twice_changes_nothing(api: Api, system: Process
         ).one()
     assert tuple(charges) == (1, 200)
 
-
-def _wait_for_replies(api: Api, order_id: str, timeline_len: int) -> dict:
-    """Give the duplicates time to be consumed and replied to, then read the order again."""
-    import time
-
-    time.sleep(2.0)
-    return api.order(order_id)

@@ -198,13 +198,34 @@ def test_the_compose_environment_is_a_valid_production_configuration(
         monkeypatch.setenv(name, value)
     loaded = config.load_settings()
     assert loaded.production
-    assert (loaded.admin_user, loaded.admin_password) == ("admin", SECRETS["SAGA_ADMIN_PASSWORD"])
+    password = loaded.admin_password.get_secret_value()
+    assert (loaded.admin_user, password) == ("admin", SECRETS["SAGA_ADMIN_PASSWORD"])
     assert (loaded.retry_attempts, loaded.compensation_attempts, loaded.step_timeout_s) == (
         5,
         8,
         30.0,
     )  # the contract's defaults
     assert loaded.port == 8000 and not loaded.fault_injection
+
+
+def test_the_web_binds_every_interface_in_its_container(
+    services: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sagactl web`` binds loopback unless told otherwise; compose and the image tell it."""
+    for name, value in environment(services["web"], SECRETS).items():
+        monkeypatch.setenv(name, value)
+    assert config.load_settings().web_host == "0.0.0.0"
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    assert any(re.search(r"\bSAGA_WEB_HOST=0\.0\.0\.0\b", line) for line in lines)
+
+
+def test_the_healthchecks_import_what_exists(services: dict) -> None:
+    for name in set(CONTRACT_PROCESSES) - {"web"}:
+        code = services[name]["healthcheck"]["test"][-1]
+        imports = re.findall(r"from [\w.]+ import \w+", code)
+        assert imports, code
+        for statement in imports:
+            exec(statement, {})  # an ImportError fails the test
 
 
 def test_production_secrets_have_no_default(services: dict) -> None:

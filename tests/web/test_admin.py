@@ -11,9 +11,12 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
+from kombu import Connection
 
 from models.db import transaction
 from orchestrator.messaging.envelopes import ReplyOutcome
+from orchestrator.messaging.topology import declare_all
+from orchestrator.ops.config import settings
 from tests.web.conftest import csrf_token
 from tests.web.drive import (
     answer,
@@ -565,12 +568,28 @@ def test_dead_letter_bodies_are_escaped_and_card_tokens_masked(
     assert f'data-letter-id="{letter}"' in page
 
 
+def drain(queue: str) -> list[bytes]:
+    """Every message body waiting on ``queue`` of the tier's own vhost (no worker consumes
+    there), taken off it."""
+    with Connection(settings().broker_url) as conn:
+        channel = conn.channel()
+        declare_all(channel)  # a replay declares them too; before the first one, it may not
+        bodies = []
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            body = message.body  # py-amqp decodes it when the message names its encoding
+            bodies.append(body.encode() if isinstance(body, str) else bytes(body))
+        return bodies
+
+
 def test_replay_publishes_once_and_discard_resolves(
     client: FlaskClient, admin_headers: dict
 ) -> None:
     saga_id = place(client)["saga_id"]
-    replayed = dead_letter(saga_id, command_body(saga_id, "tok_visa"))
-    discarded = dead_letter(saga_id, command_body(saga_id, "tok_visa"))
+    replayed_body = command_body(saga_id, "tok_visa")
+    discarded_body = command_body(saga_id, "tok_visa")
+    drain("payment")  # whatever earlier tests left there
+    replayed = dead_letter(saga_id, replayed_body)
+    discarded = dead_letter(saga_id, discarded_body)
     response = client.post(f"/admin/dead-letters/{replayed}/replay", json={}, headers=admin_headers)
     assert response.status_code == 202
     assert response.json == {"id": replayed, "state": "replayed"}
@@ -616,6 +635,10 @@ def test_replay_publishes_once_and_discard_resolves(
             .all()
         )
     assert resolved == ["admin", "admin"]
+    # On the broker: the replayed message exactly once (the refused second replay and the
+    # discard published nothing), the discarded one never.
+    published = drain("payment")
+    assert (published.count(replayed_body), published.count(discarded_body)) == (1, 0)
 
 
 # ---------------------------------------------------------------- the attempts chart (pure)

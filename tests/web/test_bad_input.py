@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from markupsafe import escape
 from werkzeug.test import TestResponse
 
-from models.db import transaction
+from models.db import get_engine, transaction
 from models.orders import IdempotencyKey, Order, OrderLine
 from models.outbox import OutboxMessage
 from models.sagas import Saga, SagaEvent, SagaStep
@@ -390,13 +390,38 @@ def test_zero_or_more_than_50_lines_is_422(client: FlaskClient, count: int) -> N
                                                               items=items)))
 
 
+def bound_values(parameters: Any) -> list[Any]:
+    """Every value bound to a statement (a dict, a list of them for executemany, or a tuple)."""
+    if isinstance(parameters, dict):
+        return [v for value in parameters.values() for v in bound_values(value)]
+    if isinstance(parameters, list | tuple):
+        return [v for value in parameters for v in bound_values(value)]
+    return [parameters]
+
+
 @pytest.mark.parametrize("sku", [
     "", "sku-apple", "SKU-APPLE ", "SKU-APPLE\x00", "\x00", "SKU-\ud800", "\udfff", "x" * 65,
     "' OR 1=1--", "SKU-APPLE'; DROP TABLE products;--", 7, None,
 ])
 def test_bad_skus_are_422_never_reaching_the_database(client: FlaskClient, sku: Any) -> None:
+    """Nothing is written, and the SKU reaches no SQL statement: a malformed one is refused
+    before any lookup; a well-formed unknown one is looked up only as a bound parameter."""
     body = valid_order(customer_id=customer(), items=[{"sku": sku, "quantity": 1}])
-    assert fields_of(post_json(client, body)) == {"items[0].sku"}
+    statements: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        statements.append((statement, parameters))
+
+    sa.event.listen(get_engine(), "before_cursor_execute", seen)
+    try:
+        assert fields_of(post_json(client, body)) == {"items[0].sku"}
+    finally:
+        sa.event.remove(get_engine(), "before_cursor_execute", seen)
+    if isinstance(sku, str) and sku:
+        assert not [text for text, _ in statements if sku in text]
+        well_formed = "\x00" not in sku and not any(0xD800 <= ord(c) <= 0xDFFF for c in sku)
+        if not well_formed:
+            assert not [p for _, p in statements if sku in bound_values(p)]
 
 
 @pytest.mark.parametrize("token", [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -51,7 +50,7 @@ def point(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Point the health checks' settings at other URLs for one test."""
 
     def point(**urls: Any) -> None:
-        patched = dataclasses.replace(settings(), **urls)
+        patched = settings().model_copy(update=urls)
         monkeypatch.setattr(health, "settings", lambda: patched)
 
     yield point

@@ -18,6 +18,8 @@ import psycopg
 import requests
 import sqlalchemy as sa
 
+from orchestrator.ops.config import settings
+
 FINAL_STATES = ["completed", "compensated", "failed"]
 # One participant reply each (runs without dead letters or timeouts; the bench checks for those).
 REPLY_EVENTS = ["step.succeeded", "step.failed", "compensation.succeeded", "compensation.failed"]
@@ -161,7 +163,7 @@ def management_publishes(broker_url: str) -> int | None:
 
     parts = urlsplit(broker_url)
     vhost = parts.path.lstrip("/") or "/"
-    api = os.environ.get("SAGA_RABBITMQ_API", f"http://{parts.hostname or '127.0.0.1'}:15672")
+    api = settings().rabbitmq_api or f"http://{parts.hostname or '127.0.0.1'}:15672"
     try:
         r = requests.get(f"{api}/api/vhosts/{quote(vhost, safe='')}", timeout=2,
                          auth=(parts.username or "guest", parts.password or "guest"))

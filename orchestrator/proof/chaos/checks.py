@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
 from models.db import transaction
 from orchestrator.kernel import engine
 from orchestrator.kernel.machine import NotApplicable
+from orchestrator.messaging.envelopes import FAULT_FIRED
+from orchestrator.messaging.topology import SERVICES
 from orchestrator.ops import audit
 from orchestrator.proof.chaos.faults import rabbitmqctl
-from orchestrator.proof.chaos.load import Ledger
+from orchestrator.proof.chaos.load import Ledger, fault_kind
 
 NOT_FINAL = "state IN ('running', 'compensating')"
 
@@ -73,13 +76,21 @@ def wait_settled(timeout_s: float, say: Callable[[str], None]) -> bool:
         time.sleep(0.5)
 
 
-def parked_sagas() -> list[tuple[uuid.UUID, str, str | None]]:
-    """Failed sagas: (saga id, parked compensation, the fault injected into it if any)."""
+class Parked(NamedTuple):
+    saga_id: uuid.UUID
+    order_id: str
+    compensation: str | None
+    fault: str | None  # the fault injected into that compensation, if any
+
+
+def parked_sagas() -> list[Parked]:
+    """Failed sagas: the parked compensation and the fault injected into it, if any."""
     rows = _rows("""
-        SELECT s.id, st.compensation, s.context -> 'faults' ->> st.compensation
+        SELECT s.id, s.order_id::text, st.compensation,
+               s.context -> 'faults' ->> st.compensation
         FROM sagas s JOIN saga_steps st ON st.saga_id = s.id AND st.idx = s.current_step
         WHERE s.state = 'failed'""")
-    return [(r[0], r[1], r[2]) for r in rows]
+    return [Parked(*r) for r in rows]
 
 
 def injected_to_park(fault: str | None, budget: int) -> bool:
@@ -87,6 +98,23 @@ def injected_to_park(fault: str | None, budget: int) -> bool:
     if fault in ("always", "fail"):
         return True
     return bool(fault and fault.startswith("transient:") and int(fault.split(":")[1]) >= budget)
+
+
+def parked_by_chaos(parked: list[Parked], budget: int) -> list[Parked]:
+    """The parked sagas no injected fault explains: a disruption parked them."""
+    return [p for p in parked if not injected_to_park(p.fault, budget)]
+
+
+def no_park_by_chaos(by_chaos: list[Parked]) -> Check:
+    """A saga may park only when its order carried a permanent fault on that compensation."""
+    return Check("no saga parked by a disruption", not by_chaos,
+                 [f"order {p.order_id}: {p.compensation} parked, injected fault {p.fault}"
+                  for p in by_chaos[:20]] or None, tuple(p.order_id for p in by_chaos))
+
+
+def no_unexpected_exit(unexpected: list[str]) -> Check:
+    """Every process death was a kill of the schedule or a fail point that fired in it."""
+    return Check("no unexpected process exit", not unexpected, unexpected[:10] or None)
 
 
 def operator_retry(saga_ids: list[uuid.UUID]) -> dict[str, int]:
@@ -147,13 +175,33 @@ def saga_figures() -> dict[str, Any]:
     }
 
 
+def faults_fired(log_dir: Path, services: tuple[str, ...] = SERVICES) -> dict[str, dict[str, int]]:
+    """What the participants say struck (their ``injected fault fired`` lines), by kind: the
+    faults that fired (one per saga and step) and the attempts they struck (``transient:2``
+    strikes twice, ``always`` every attempt)."""
+    fired: set[tuple[str, str, str]] = set()
+    strikes: Counter[str] = Counter()
+    for service in services:
+        for path in sorted(log_dir.glob(f"{service}*.log")):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    found = FAULT_FIRED.search(line)
+                    if found:
+                        kind = fault_kind(found["fault"])
+                        strikes[kind] += 1
+                        fired.add((found["saga"], found["step"], kind))
+    return {"fired": dict(Counter(kind for _, _, kind in fired)), "strikes": dict(strikes)}
+
+
 def check_all(ledger: Ledger, vhost: str, queues_wait_s: float = 30) -> list[Check]:
-    checks = [_all_final(), _audit(), *_orders_present(ledger), *_effects_once(),
-              _dead_letters(), _outbox_sent()]
-    busy = wait_queues_drained(vhost, queues_wait_s)
-    checks.append(Check("queues drained", not busy,
-                        {q: {"ready": r, "unacked": u} for q, (r, u) in busy.items()} or None))
-    return checks
+    return [_all_final(), _audit(), *_orders_present(ledger), *_effects_once(),
+            _dead_letters(), _outbox_sent(), queues_drained(vhost, queues_wait_s)]
+
+
+def queues_drained(vhost: str, wait_s: float) -> Check:
+    busy = wait_queues_drained(vhost, wait_s)
+    return Check("queues drained", not busy,
+                 {q: {"ready": r, "unacked": u} for q, (r, u) in busy.items()} or None)
 
 
 def _all_final() -> Check:

@@ -83,6 +83,7 @@ class Disruptor:
     counts: Counter[str] = field(default_factory=Counter)
     events: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)  # each unplanned death, with its log tail
     last_at: float = 0.0
     stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -193,11 +194,12 @@ class Disruptor:
         return f"{done['node']} stopped and started, down {done['down_s']}s"
 
     def supervise(self, final: bool = False) -> None:
-        """Restart a process that died without being told to (a fail point, a crash)."""
+        """Restart a process that died without being killed by the schedule: after a fail point
+        that fired in it (planned), or a crash (``unexpected_exit``, which breaks the run)."""
+        self._count_unplanned()
         for name in list(self.procs.running):
             if self.procs.alive(name):
                 continue
-            self.counts[f"unexpected_exit:{name}"] += 1
             self.say(f"chaos: {name} had exited ({self.procs.running[name].proc.returncode}); "
                      "restarting")
             for _ in range(5 if final else 1):
@@ -206,6 +208,13 @@ class Disruptor:
                     break
                 except (RuntimeError, TimeoutError) as exc:
                     self.errors.append(f"restart {name}: {exc}"[:300])
+        if final:
+            self._count_unplanned()  # a restart that died at once
+
+    def _count_unplanned(self) -> None:
+        for death in self.procs.take_unplanned_exits():
+            self.counts[f"unexpected_exit:{death.name}"] += 1
+            self.unexpected.append(str(death)[:3000])
 
     def summary(self) -> dict[str, Any]:
         per_action: dict[str, dict[str, int]] = {}
@@ -214,7 +223,7 @@ class Disruptor:
             per_action.setdefault(action, {})[target] = n
         return {"by_action": per_action, "total": sum(
             n for k, n in self.counts.items() if not k.startswith(("unexpected_", "failpoint_"))),
-            "errors": self.errors, "events": self.events}
+            "errors": self.errors, "events": self.events, "unexpected_exits": self.unexpected}
 
 
 def signal_pid(pid: int) -> None:

@@ -1,0 +1,54 @@
+"""Can this process reach its database and its broker? A one-line answer, never a traceback.
+
+The CLI checks what a command needs before it starts (and maps a connection lost midway the same
+way), so an unreachable service is its own exit code (3) with the URL it tried, password hidden.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import sqlalchemy as sa
+from kombu import Connection
+from kombu.utils.url import maybe_sanitize_url
+
+TIMEOUT_S = 3.0
+
+
+class Unreachable(RuntimeError):
+    """The database or the broker did not answer."""
+
+    def __init__(self, service: str, url: str, reason: object) -> None:
+        lines = str(reason).strip().splitlines()
+        super().__init__(
+            f"cannot reach the {service} at {url}: {lines[0] if lines else type(reason).__name__}"
+        )
+        self.service = service
+
+
+def database_url_shown(url: str) -> str:
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def broker_url_shown(url: str) -> str:
+    return ";".join(str(maybe_sanitize_url(part)) for part in url.split(";"))
+
+
+def require_database(url: str, server_only: bool = False) -> None:
+    """Connect once; ``server_only`` asks the server alone (for a database about to be created)."""
+    target = sa.make_url(url).set(drivername="postgresql")
+    if server_only:
+        target = target.set(database="postgres")
+    try:
+        psycopg.connect(
+            target.render_as_string(hide_password=False), connect_timeout=int(TIMEOUT_S)
+        ).close()
+    except psycopg.Error as exc:
+        raise Unreachable("database", database_url_shown(url), exc) from None
+
+
+def require_broker(url: str) -> None:
+    try:
+        with Connection(url, connect_timeout=TIMEOUT_S) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=TIMEOUT_S)
+    except Exception as exc:  # kombu raises its own and the socket's errors alike
+        raise Unreachable("broker", broker_url_shown(url), exc) from None
