@@ -176,10 +176,12 @@ def _reload(cluster: Cluster | None) -> None:
     """Settings, engine, session factory and Celery app read the environment again."""
     global _cluster
     from models import db
+    from orchestrator.messaging import fastpath
     from orchestrator.messaging.celery_app import app
     from orchestrator.messaging.topology import service_queues
     from orchestrator.ops import config
 
+    fastpath.reset()  # its marks belong to the old database, its connection to the old broker
     config.settings.cache_clear()
     db.get_engine.cache_clear()
     db._factory.cache_clear()
