@@ -112,7 +112,7 @@ def test_a_fault_after_the_pivot_parks_never_unrefunds_and_an_operator_finishes_
 
     cfg = config.settings()
     admin = requests.Session()
-    admin.auth = (cfg.admin_user, cfg.admin_password)
+    admin.auth = (cfg.admin_user, cfg.admin_password.get_secret_value())
     answer = admin.post(
         f"{system.url}/admin/sagas/{saga['saga_id']}/retry",
         json={"note": "stock service fixed"},
