@@ -176,6 +176,7 @@ def _reload(cluster: Cluster | None) -> None:
     """Settings, engine, session factory and Celery app read the environment again."""
     global _cluster
     from models import db
+    from orchestrator.messaging import fastpath
     from orchestrator.messaging.celery_app import app
     from orchestrator.messaging.topology import service_queues
     from orchestrator.ops import config
@@ -185,6 +186,7 @@ def _reload(cluster: Cluster | None) -> None:
     db._factory.cache_clear()
     app.conf.broker_url = config.settings().broker_url
     app.conf.task_queues = list(service_queues().values())
+    fastpath.reset()  # its connection is to the broker this process used before
     _cluster = cluster
 
 
