@@ -99,6 +99,14 @@ class _Publisher:
             )
             self._thread.start()
 
+    def close(self) -> None:
+        """Drop the connection (and the backoff): the next publish connects anew."""
+        with self._lock:
+            if self._publisher is not None:
+                self._publisher.close()
+            self._publisher = None
+            self._down_until = 0.0
+
     def take(self) -> list[Mark]:
         with self._marks_lock:
             marks, self._marks = self._marks, []
@@ -152,6 +160,17 @@ def _publisher() -> _Publisher:
         if _current is None or _current.pid != os.getpid():
             _current = _Publisher()
         return _current
+
+
+def reset() -> None:
+    """This process now talks to another broker and database (a test switching sandboxes): write
+    the sent marks it owes the old one, then forget its publisher, connection and backoff."""
+    global _current
+    with _current_lock:
+        old, _current = _current, None
+    if old is not None and old.pid == os.getpid():
+        old.flush()
+        old.close()
 
 
 def _process() -> str:

@@ -181,6 +181,7 @@ def _reload(cluster: Cluster | None) -> None:
     from orchestrator.messaging.topology import service_queues
     from orchestrator.ops import config
 
+    fastpath.reset()  # its marks belong to the old database, its connection to the old broker
     config.settings.cache_clear()
     db.get_engine.cache_clear()
     db._factory.cache_clear()

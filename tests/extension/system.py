@@ -17,7 +17,7 @@ from models.db import get_engine, transaction
 from models.sagas import Saga
 from orchestrator import registry
 from orchestrator.kernel import engine
-from orchestrator.proof.harness import Processes, Sandbox, use_sandbox
+from orchestrator.proof.harness import Processes, Sandbox, sandbox_in_use
 from tests.extension import tables
 
 V1 = "tests.extension.loyalty"
@@ -33,26 +33,28 @@ def use_modules(*modules: str) -> None:
 
 
 @contextlib.contextmanager
-def loyalty_system(log_dir: Path, back_to: Sandbox, *modules: str) -> Iterator[Processes]:
+def loyalty_system(log_dir: Path, *modules: str) -> Iterator[Processes]:
+    """A sandbox of its own with the loyalty processes; this process points at it meanwhile and
+    goes back to what it used before (the session's sandbox) afterwards."""
     box = Sandbox.create("sagaext")
     before = os.environ.get(registry.EXTRA_MODULES_ENV)
     procs = Processes(box, log_dir, extra_env={registry.EXTRA_MODULES_ENV: ",".join(modules)})
     try:
-        use_sandbox(box)
-        use_modules(*modules)
-        tables.create(get_engine())
-        procs.start_all(PROCESSES)
-        yield procs
+        with sandbox_in_use(box):
+            try:
+                use_modules(*modules)
+                tables.create(get_engine())
+                procs.start_all(PROCESSES)
+                yield procs
+            finally:
+                procs.stop_all()
+                if before is None:
+                    os.environ.pop(registry.EXTRA_MODULES_ENV, None)
+                else:
+                    os.environ[registry.EXTRA_MODULES_ENV] = before
+                registry.reset()
     finally:
-        procs.stop_all()
-        get_engine().dispose()
         box.destroy()
-        if before is None:
-            os.environ.pop(registry.EXTRA_MODULES_ENV, None)
-        else:
-            os.environ[registry.EXTRA_MODULES_ENV] = before
-        registry.reset()
-        use_sandbox(back_to)
 
 
 def start(points: int, faults: dict[str, str] | None = None) -> uuid.UUID:

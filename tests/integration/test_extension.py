@@ -18,7 +18,8 @@ pytestmark = pytest.mark.own_system
 
 @pytest.fixture(scope="module")
 def loyalty(sandbox: Sandbox, artifacts: Path) -> Iterator[Processes]:
-    with system.loyalty_system(artifacts / "logs-extension", sandbox, system.V1) as procs:
+    # ``sandbox``: the session's, which this process goes back to afterwards.
+    with system.loyalty_system(artifacts / "logs-extension", system.V1) as procs:
         yield procs
 
 

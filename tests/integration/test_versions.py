@@ -24,7 +24,8 @@ V2_STEPS = [*V1_STEPS, "points.bonus"]
 
 @pytest.fixture(scope="module")
 def loyalty(sandbox: Sandbox, artifacts: Path) -> Iterator[Processes]:
-    with system.loyalty_system(artifacts / "logs-versions", sandbox, system.V1) as procs:
+    # ``sandbox``: the session's, which this process goes back to afterwards.
+    with system.loyalty_system(artifacts / "logs-versions", system.V1) as procs:
         yield procs
 
 
