@@ -189,16 +189,6 @@ def flush() -> None:
 atexit.register(flush)
 
 
-def reset() -> None:
-    """Forget this process's publisher (its connection and waiting marks): the process now talks
-    to another broker and database (the harness's ``use_sandbox``)."""
-    global _current
-    with _current_lock:
-        old, _current = _current, None
-    if old is not None and old._publisher is not None:
-        old._publisher.close()
-
-
 def _here() -> _Publisher | None:
     return _current if _current is not None and _current.pid == os.getpid() else None
 

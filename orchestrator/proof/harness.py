@@ -187,7 +187,6 @@ def _reload(cluster: Cluster | None) -> None:
     db._factory.cache_clear()
     app.conf.broker_url = config.settings().broker_url
     app.conf.task_queues = list(service_queues().values())
-    fastpath.reset()  # its connection is to the broker this process used before
     _cluster = cluster
 
 
