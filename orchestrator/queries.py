@@ -75,7 +75,9 @@ def step_views(saga: Saga) -> list[dict[str, Any]]:
 
 def timeline(session: Session, saga_id: uuid.UUID) -> list[dict[str, Any]]:
     events = session.scalars(
-        sa.select(SagaEvent).where(SagaEvent.saga_id == saga_id).order_by(SagaEvent.id)
+        sa.select(SagaEvent)
+        .where(SagaEvent.saga_id == saga_id)
+        .order_by(SagaEvent.at, SagaEvent.id)
     )
     return [
         {

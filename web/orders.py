@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from flask import (
@@ -19,8 +21,8 @@ from flask import (
 from models.db import transaction
 from orchestrator import queries
 from orchestrator.ops.logs import log_context
+from orchestrator.sagas import once, returning
 from orchestrator.sagas import placing as ordering
-from orchestrator.sagas import returning
 from web.errors import ApiError, wants_json
 from web.http import check_csrf, json_body, read_body
 from web.schemas import OrderIn, OrderOut, Placed, ProductOut, dump
@@ -61,6 +63,22 @@ def _idempotency_key() -> str | None:
     return key
 
 
+@contextlib.contextmanager
+def _starting(what: str) -> Iterator[None]:
+    """The answers of a saga start once per Idempotency-Key (orchestrator/sagas/once.py)."""
+    try:
+        yield
+    except once.Backlogged as exc:
+        raise ApiError(503, "backlogged", f"too many {what} in flight; try again shortly",
+                       headers={"Retry-After": "5"}) from exc
+    except once.IdempotencyMismatch as exc:
+        raise ApiError(409, "idempotency_mismatch",
+                       "this Idempotency-Key was used with a different body") from exc
+    except once.IdempotencyInFlight as exc:
+        raise ApiError(409, "idempotency_in_flight",
+                       "a request with this Idempotency-Key is still being processed") from exc
+
+
 def _place(order: OrderIn, raw: Any, key: str | None) -> ordering.Placement:
     new = ordering.NewOrder(
         customer_id=order.customer_id,
@@ -69,16 +87,8 @@ def _place(order: OrderIn, raw: Any, key: str | None) -> ordering.Placement:
         faults=order.faults,
     )
     try:
-        return ordering.place_order(new, key, fingerprint(raw))
-    except ordering.Backlogged as exc:
-        raise ApiError(503, "backlogged", "too many orders in flight; try again shortly",
-                       headers={"Retry-After": "5"}) from exc
-    except ordering.IdempotencyMismatch as exc:
-        raise ApiError(409, "idempotency_mismatch",
-                       "this Idempotency-Key was used with a different body") from exc
-    except ordering.IdempotencyInFlight as exc:
-        raise ApiError(409, "idempotency_in_flight",
-                       "a request with this Idempotency-Key is still being processed") from exc
+        with _starting("orders"):
+            return ordering.place_order(new, key, fingerprint(raw))
     except ordering.UnknownSku as exc:  # the catalogue changed between validation and insert
         raise ApiError(422, "validation_failed", "unknown product",
                        [{"field": "items", "message": f"unknown product {exc}"}]) from exc
@@ -202,21 +212,13 @@ def return_order(order_id: str) -> Response | tuple[Response, int]:
     except InvalidOrder as exc:
         raise ApiError(422, "validation_failed", "the return is not valid", exc.details) from exc
     try:
-        started = returning.start_return(ident, wanted.reason, wanted.faults, key,
-                                         fingerprint(raw))
+        with _starting("sagas"):
+            started = returning.start_return(ident, wanted.reason, wanted.faults, key,
+                                             fingerprint(raw))
     except returning.OrderNotFound as exc:
         raise ApiError(404, "not_found", "no such order") from exc
     except returning.NotReturnable as exc:
         raise ApiError(409, "not_returnable", str(exc)) from exc
-    except returning.Backlogged as exc:
-        raise ApiError(503, "backlogged", "too many sagas in flight; try again shortly",
-                       headers={"Retry-After": "5"}) from exc
-    except returning.IdempotencyMismatch as exc:
-        raise ApiError(409, "idempotency_mismatch",
-                       "this Idempotency-Key was used with a different body") from exc
-    except returning.IdempotencyInFlight as exc:
-        raise ApiError(409, "idempotency_in_flight",
-                       "a request with this Idempotency-Key is still being processed") from exc
     with log_context(saga_id=started.saga_id, order_id=started.order_id):
         current_app.logger.info("return %s", "accepted" if started.created else "replayed")
     location = url_for("orders.show", order_id=started.order_id)

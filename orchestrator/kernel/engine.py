@@ -195,18 +195,21 @@ def record(
     attempt: int | None = None,
     detail: str | None = None,
     actor: str | None = None,
+    at: datetime | None = None,
 ) -> None:
-    """Add an event to the saga's timeline; the transaction's events are written at its commit."""
-    session.info.setdefault(EVENTS_KEY, []).append(
-        {
-            "saga_id": saga.id,
-            "event": TimelineEvent(event).value,
-            "step": step,
-            "attempt": attempt,
-            "detail": detail,
-            "actor": actor,
-        }
-    )
+    """Add an event to the saga's timeline; the transaction's events are written at its commit.
+    ``at``: when it happened, if not now (a participant's note that reached us late)."""
+    row: dict[str, Any] = {
+        "saga_id": saga.id,
+        "event": TimelineEvent(event).value,
+        "step": step,
+        "attempt": attempt,
+        "detail": detail,
+        "actor": actor,
+    }
+    if at is not None:
+        row["at"] = at
+    session.info.setdefault(EVENTS_KEY, []).append(row)
 
 
 @sa.event.listens_for(Session, "before_commit")
@@ -216,7 +219,11 @@ def _write_events(session: Session) -> None:
     rows = session.info.pop(EVENTS_KEY, None)
     if rows:
         session.flush()
-        session.execute(sa.insert(_EVENTS), rows)
+        # One statement per set of columns: a row with its own time, and the others (now).
+        for dated in (False, True):
+            same = [row for row in rows if ("at" in row) is dated]
+            if same:
+                session.execute(sa.insert(_EVENTS), same)
 
 
 @sa.event.listens_for(Session, "after_rollback")
@@ -394,33 +401,31 @@ def on_reply(
     *,
     error: str | None = None,
     retry_in_s: float | None = None,
+    sent_at: datetime | None = None,
 ) -> str:
     """Apply one participant reply to a locked saga. Returns what happened, for the log."""
     definition = registered_of(saga).definition
     index, kind = definition.by_command(command)
-    if not awaits(saga, index, kind, request_id, success=outcome is ReplyOutcome.SUCCEEDED):
-        return "ignored (not awaited: late or duplicate)"
     phase = saga.steps[index].phase(kind)
+    delay = retry_in_s or 0.0
+    if not awaits(saga, index, kind, request_id, success=outcome is ReplyOutcome.SUCCEEDED):
+        if (
+            outcome is ReplyOutcome.RETRYING
+            and sent_at is not None
+            and phase.request_id == request_id
+            and not _has_failure_event(session, saga, phase.event_prefix, command, attempt)
+        ):
+            # Overtaken by its own next attempt's reply (two orchestrator processes took them
+            # at once): the state has moved on, but the failed attempt is history, at its time.
+            _record_retry(
+                session, saga, phase.event_prefix, command, attempt, error, delay, sent_at
+            )
+            return "ignored (not awaited: late), its failed attempt kept in the timeline"
+        return "ignored (not awaited: late or duplicate)"
     now = utcnow()
     phase.attempts = max(phase.attempts, attempt)
     if outcome is ReplyOutcome.RETRYING:
-        delay = retry_in_s or 0.0
-        record(
-            session,
-            saga,
-            E(f"{phase.event_prefix}.failed"),
-            step=command,
-            attempt=attempt,
-            detail=error,
-        )
-        record(
-            session,
-            saga,
-            E.STEP_RETRIED,
-            step=command,
-            attempt=attempt + 1,
-            detail=f"next attempt in {delay:.2f}s",
-        )
+        _record_retry(session, saga, phase.event_prefix, command, attempt, error, delay)
         phase.error = error
         phase.attempts = max(phase.attempts, attempt + 1)
         saga.steps[index].deadline_at = now + timedelta(
@@ -446,6 +451,41 @@ def on_reply(
             event = CompensationParked(index)
     transition(session, saga, event, now)
     return f"{outcome.value}: saga {saga.state.value}"
+
+
+def _record_retry(
+    session: Session,
+    saga: Saga,
+    prefix: str,
+    command: str,
+    attempt: int,
+    error: str | None,
+    delay: float,
+    at: datetime | None = None,
+) -> None:
+    record(session, saga, E(f"{prefix}.failed"), step=command, attempt=attempt, detail=error, at=at)
+    record(
+        session,
+        saga,
+        E.STEP_RETRIED,
+        step=command,
+        attempt=attempt + 1,
+        detail=f"next attempt in {delay:.2f}s",
+        at=at,
+    )
+
+
+def _has_failure_event(
+    session: Session, saga: Saga, prefix: str, command: str, attempt: int
+) -> bool:
+    """A late note may also be a duplicate: its failure is recorded once."""
+    query = sa.select(sa.literal(1)).where(
+        _EVENTS.c.saga_id == saga.id,
+        _EVENTS.c.event == f"{prefix}.failed",
+        _EVENTS.c.step == command,
+        _EVENTS.c.attempt == attempt,
+    )
+    return session.execute(query.limit(1)).first() is not None
 
 
 def on_exhausted(

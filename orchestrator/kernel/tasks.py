@@ -60,6 +60,7 @@ def reply(self: Task, envelope: Any) -> str:
                 body.outcome,
                 error=body.error or body.reason,
                 retry_in_s=body.retry_in_s,
+                sent_at=msg.sent_at,
             )
 
         result = run_in_transaction(work)

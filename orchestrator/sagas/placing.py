@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
 from typing import cast
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models.catalog import Product
-from models.db import transaction
 from models.enums import OrderStatus
 from models.orders import IdempotencyKey, Order, OrderLine
 from models.sagas import Saga
 from orchestrator.kernel import engine
-from orchestrator.messaging import outbox
-from orchestrator.ops.config import settings
+from orchestrator.sagas.once import (
+    Backlogged,
+    IdempotencyInFlight,
+    IdempotencyMismatch,
+    start_once,
+)
 from orchestrator.sagas.order import ORDER_SAGA
+
+__all__ = [
+    "Backlogged",
+    "IdempotencyInFlight",
+    "IdempotencyMismatch",
+    "NewOrder",
+    "Placement",
+    "UnknownSku",
+    "place_order",
+    "start_order",
+]
 
 # ---------------------------------------------------------------- the order and its saga
 
@@ -43,6 +54,10 @@ class NewOrder:
 class Started:
     order_id: uuid.UUID
     saga_id: uuid.UUID
+
+    @property
+    def ids(self) -> tuple[uuid.UUID, uuid.UUID]:
+        return self.order_id, self.saga_id
 
 
 def start_order(session: Session, new: NewOrder) -> Started:
@@ -107,17 +122,7 @@ def order_saga_of(session: Session, order_id: uuid.UUID) -> Saga | None:
 
 # ---------------------------------------------------------------- placing, once per key
 
-
-class Backlogged(Exception):
-    """The outbox holds more unsent commands than its limit: refuse new work for now."""
-
-
-class IdempotencyMismatch(Exception):
-    pass
-
-
-class IdempotencyInFlight(Exception):
-    pass
+ORDERS_SCOPE = "orders"  # idempotency keys of POST /orders
 
 
 @dataclass(frozen=True)
@@ -127,29 +132,7 @@ class Placement:
     created: bool
 
 
-_backlog_checked = {"at": -1.0, "over": False}
-BACKLOG_CHECK_S = 0.2
-
-
-def backlogged(session: Session) -> bool:
-    """Is the outbox over its limit? Counted at most every BACKLOG_CHECK_S per process: the
-    count is the most expensive query of an order, and backpressure need not be exact."""
-    now = time.monotonic()
-    if now - _backlog_checked["at"] >= BACKLOG_CHECK_S:
-        limit = settings().outbox_limit
-        _backlog_checked.update(at=now, over=outbox.backlog(session, limit) > limit)
-    return bool(_backlog_checked["over"])
-
-
-ORDERS_SCOPE = "orders"  # idempotency keys of POST /orders
-
-
-def _existing(session: Session, key: str, fingerprint: str) -> Placement | None:
-    row = session.get(IdempotencyKey, (ORDERS_SCOPE, key))
-    if row is None:
-        return None
-    if row.fingerprint != fingerprint:
-        raise IdempotencyMismatch(key)
+def _placed_before(session: Session, row: IdempotencyKey) -> Placement:
     saga = order_saga_of(session, row.order_id)
     assert saga is not None
     return Placement(row.order_id, saga.id, created=False)
@@ -157,44 +140,9 @@ def _existing(session: Session, key: str, fingerprint: str) -> Placement | None:
 
 def place_order(new: NewOrder, key: str | None = None, fingerprint: str = "") -> Placement:
     """Start the order's saga, or return the order an earlier request with ``key`` made."""
-    try:
-        with transaction() as session:
-            if key is not None:
-                # A concurrent first request holding this key makes us wait at most this long.
-                session.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
-                found = _existing(session, key, fingerprint)
-                if found:
-                    return found
-            if backlogged(session):
-                raise Backlogged()
-            started = start_order(session, new)
-            if key is not None:
-                claimed = session.scalar(
-                    insert(IdempotencyKey)
-                    .values(
-                        scope=ORDERS_SCOPE,
-                        key=key,
-                        fingerprint=fingerprint,
-                        order_id=started.order_id,
-                        saga_id=started.saga_id,
-                    )
-                    .on_conflict_do_nothing(index_elements=["scope", "key"])
-                    .returning(IdempotencyKey.key)
-                )
-                if claimed is None:
-                    raise _LostRace()
-            return Placement(started.order_id, started.saga_id, created=True)
-    except _LostRace:
-        # Another request with the key committed first; our transaction rolled back whole.
-        with transaction() as session:
-            found = _existing(session, key or "", fingerprint)
-            assert found is not None
-            return found
-    except DBAPIError as exc:
-        if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
-            raise IdempotencyInFlight(key) from exc
-        raise
 
+    def start(session: Session) -> tuple[Placement, uuid.UUID, uuid.UUID]:
+        started = start_order(session, new)
+        return Placement(started.order_id, started.saga_id, True), *started.ids
 
-class _LostRace(Exception):
-    pass
+    return start_once(ORDERS_SCOPE, key, fingerprint, start, _placed_before)

@@ -12,19 +12,16 @@ import uuid
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from models.db import transaction
 from models.enums import OrderStatus
 from models.orders import IdempotencyKey, Order
 from orchestrator.kernel import engine
-from orchestrator.sagas.placing import (
+from orchestrator.sagas.once import (
     Backlogged,
     IdempotencyInFlight,
     IdempotencyMismatch,
-    backlogged,
+    start_once,
 )
 from orchestrator.sagas.returns import RETURN_SAGA
 
@@ -76,12 +73,7 @@ def _begin_return(session: Session, order_id: uuid.UUID) -> None:
         raise NotReturnable(status)
 
 
-def _existing(session: Session, key: str, fingerprint: str) -> ReturnStarted | None:
-    row = session.get(IdempotencyKey, (RETURN_SCOPE, key))
-    if row is None:
-        return None
-    if row.fingerprint != fingerprint:
-        raise IdempotencyMismatch(key)
+def _started_before(session: Session, row: IdempotencyKey) -> ReturnStarted:
     assert row.saga_id is not None
     status = session.scalar(sa.select(Order.status).where(Order.id == row.order_id))
     assert status is not None
@@ -96,58 +88,15 @@ def start_return(
     fingerprint: str = "",
 ) -> ReturnStarted:
     """Start the order's return saga, or return the one an earlier request with ``key`` started."""
-    try:
-        with transaction() as session:
-            if key is not None:
-                session.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
-                found = _existing(session, key, fingerprint)
-                if found:
-                    return found
-            if backlogged(session):
-                raise Backlogged()
-            _begin_return(session, order_id)
-            context = {"order_id": str(order_id), "reason": reason, "faults": faults or {}}
-            saga_id = engine.start_saga(
-                session,
-                RETURN_SAGA.name,
-                str(order_id),
-                context,
-                detail=f"return of order {order_id}",
-            )
-            if key is not None:
-                claimed = session.scalar(
-                    insert(IdempotencyKey)
-                    .values(
-                        scope=RETURN_SCOPE,
-                        key=key,
-                        fingerprint=fingerprint,
-                        order_id=order_id,
-                        saga_id=saga_id,
-                    )
-                    .on_conflict_do_nothing(index_elements=["scope", "key"])
-                    .returning(IdempotencyKey.key)
-                )
-                if claimed is None:
-                    raise _LostRace()
-            return ReturnStarted(order_id, saga_id, created=True, status=OrderStatus.RETURNING)
-    except _LostRace:
-        with transaction() as session:
-            found = _existing(session, key or "", fingerprint)
-            assert found is not None
-            return found
-    except NotReturnable:
-        # A concurrent first request with this key may have started the return we waited on.
-        if key is not None:
-            with transaction() as session:
-                found = _existing(session, key, fingerprint)
-            if found:
-                return found
-        raise
-    except DBAPIError as exc:
-        if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
-            raise IdempotencyInFlight(key) from exc
-        raise
 
+    def start(session: Session) -> tuple[ReturnStarted, uuid.UUID, uuid.UUID]:
+        _begin_return(session, order_id)
+        context = {"order_id": str(order_id), "reason": reason, "faults": faults or {}}
+        saga_id = engine.start_saga(
+            session, RETURN_SAGA.name, str(order_id), context, detail=f"return of order {order_id}"
+        )
+        return ReturnStarted(order_id, saga_id, True, OrderStatus.RETURNING), order_id, saga_id
 
-class _LostRace(Exception):
-    pass
+    # NotReturnable: a concurrent first request with this key may have started the return that
+    # made the order ``returning`` while we waited on its row.
+    return start_once(RETURN_SCOPE, key, fingerprint, start, _started_before, (NotReturnable,))

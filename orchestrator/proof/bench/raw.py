@@ -50,7 +50,7 @@ def queue_name(task: str) -> str:
 def _queues() -> list[Queue]:
     # The saga's service queues' arguments (quorum, delivery limit, overflow), so both sides pay
     # the same per-message broker cost. Their dead-letter exchange does not exist here: unused.
-    arguments = dict(getattr(service_queues()["inventory"], "queue_arguments", None) or {})
+    arguments = dict(getattr(next(iter(service_queues().values())), "queue_arguments", None) or {})
     return [Queue(queue_name(t), EXCHANGE, routing_key=queue_name(t), durable=True,
                   queue_arguments=arguments) for t in (*TASKS, *FLOOR_TASKS)]
 

@@ -115,6 +115,10 @@ class Disruptor:
 
     def _loop(self) -> None:
         rng = random.Random(f"{self.seed}/faults")
+        # Every kind once first (in a seeded order), then by weight: a short run on a slow
+        # machine, which fits few disruptions in its time, still has one of each.
+        first_round = [a for a, _ in ACTIONS]
+        rng.shuffle(first_round)
         while not self.stop.wait(rng.uniform(*self.interval_s)):
             self.supervise()
             if (self.broker_restart_at is not None
@@ -127,7 +131,11 @@ class Disruptor:
                 self.scheduled.remove(due[0])
                 self._do(*due[0][1:])
                 continue
-            action = rng.choices([a for a, _ in ACTIONS], weights=[w for _, w in ACTIONS])[0]
+            action = (
+                first_round.pop(0)
+                if first_round
+                else rng.choices([a for a, _ in ACTIONS], weights=[w for _, w in ACTIONS])[0]
+            )
             target, act = self._plan(action, rng)
             if action == "kill" and self._twins(target):
                 action = "kill_twin"  # one instance of a scaled kind; another keeps running
