@@ -21,6 +21,13 @@ if TYPE_CHECKING:  # imported lazily at run time: the unit tier needs no service
 TEST_TIMINGS = SHORT_TIMINGS
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The test process is a process like the others: wired once (orchestrator/bootstrap.py)."""
+    from orchestrator.bootstrap import bootstrap
+
+    bootstrap()
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     path = Path(os.environ.get("SAGA_TEST_ARTIFACTS", "artifacts")) / uuid.uuid4().hex[:8]

@@ -47,10 +47,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]  # JSON_SORT_KEYS left in Flask 2.3
     if test_config:
         app.config.update(test_config)
-    # The saga registry first: a changed released definition stops the web from starting.
-    from orchestrator import registry
+    # Wired first (the saga registry among it): a changed released definition stops the web here.
+    from orchestrator.bootstrap import bootstrap
 
-    registry.load()
+    bootstrap()
 
     from web import admin, errors, ops, orders, presenters, security
 

@@ -199,6 +199,8 @@ def record(
 ) -> None:
     """Add an event to the saga's timeline; the transaction's events are written at its commit.
     ``at``: when it happened, if not now (a participant's note that reached us late)."""
+    if not _hooked:  # the event would never be written
+        raise RuntimeError("timeline events need the session hooks: call bootstrap() first")
     row: dict[str, Any] = {
         "saga_id": saga.id,
         "event": TimelineEvent(event).value,
@@ -212,7 +214,18 @@ def record(
     session.info.setdefault(EVENTS_KEY, []).append(row)
 
 
-@sa.event.listens_for(Session, "before_commit")
+_hooked = False
+
+
+def hook_sessions() -> None:
+    """Write each transaction's timeline events just before it commits (bootstrap calls this)."""
+    global _hooked
+    for name, fn in (("before_commit", _write_events), ("after_rollback", _forget_events)):
+        if not sa.event.contains(Session, name, fn):
+            sa.event.listen(Session, name, fn)
+    _hooked = True
+
+
 def _write_events(session: Session) -> None:
     # One multi-row INSERT per transaction instead of one ORM object per event (the unit of work
     # was a third of the orchestrator's CPU). The flush first: the events reference the saga.
@@ -226,7 +239,6 @@ def _write_events(session: Session) -> None:
                 session.execute(sa.insert(_EVENTS), same)
 
 
-@sa.event.listens_for(Session, "after_rollback")
 def _forget_events(session: Session) -> None:
     session.info.pop(EVENTS_KEY, None)
 

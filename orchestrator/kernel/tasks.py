@@ -1,7 +1,7 @@
 """The orchestrator's Celery tasks: participant replies and the periodic sweep.
 
-Like a web view: unpack, call the engine, return. Start with
-``celery -A orchestrator.kernel.tasks worker -Q saga.orchestrator`` (``sagactl worker orchestrator``).
+Like a web view: unpack, call the engine, return. Started by ``sagactl worker orchestrator``
+(orchestrator/bootstrap.py wires the worker: these tasks, the dead-letter intake, the hooks).
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ from sqlalchemy.exc import DBAPIError
 from models.db import run_in_transaction
 from orchestrator.kernel import engine, sweeper
 from orchestrator.messaging.celery_app import app
-from orchestrator.messaging.deadletters import DeadLetterIntake
 from orchestrator.messaging.envelopes import PoisonMessage, parse_reply
 from orchestrator.ops import failpoints
 from orchestrator.ops.logs import log_context
 
 log = logging.getLogger(__name__)
-
-app.steps["consumer"].add(DeadLetterIntake)
 
 # A database outage is retried for a while (about a minute); past that the reply is
 # dead-lettered, recorded, and the step's deadline makes the sweeper ask again. Celery counts this

@@ -17,17 +17,6 @@
 from typing import Any
 
 from celery import Celery
-from celery.signals import (
-    after_task_publish,
-    beat_init,
-    setup_logging,
-    task_postrun,
-    task_prerun,
-    worker_init,
-    worker_process_init,
-    worker_process_shutdown,
-    worker_ready,
-)
 
 from orchestrator import registry
 from orchestrator.messaging.topology import TASK_EXCHANGE, queue_for_task, service_queues
@@ -97,14 +86,22 @@ def celery_settings(cfg: Settings) -> dict[str, Any]:
     )
 
 
-def create_celery() -> Celery:
-    cfg = settings()
-    app = Celery("saga", broker=cfg.broker_url)
+def configure(app: Celery, cfg: Settings) -> Celery:
+    """Give ``app`` the settings above (the process's bootstrap does this once)."""
+    app.conf.broker_url = cfg.broker_url
     app.conf.update(celery_settings(cfg))
     return app
 
 
-app = create_celery()
+def create_celery() -> Celery:
+    """A configured app of its own (the bench's raw chain: the same settings as the saga's)."""
+    return configure(Celery("saga"), settings())
+
+
+# The app the tasks are declared on. Importing this module configures nothing beyond the broker
+# URL (enough for ``celery -A orchestrator.messaging.celery_app inspect ping``); queues, routes,
+# acks and signals are wired by orchestrator/bootstrap.py.
+app = Celery("saga", broker=settings().broker_url)
 
 
 def missing_handlers(app: Celery, queues: list[str]) -> list[str]:
@@ -117,75 +114,3 @@ def missing_handlers(app: Celery, queues: list[str]) -> list[str]:
         else:
             wanted += reg.commands_of(reg.service(queue).name)
     return [name for name in wanted if name not in app.tasks]
-
-
-@worker_init.connect
-def _every_command_has_a_handler(sender: object = None, **_: object) -> None:
-    """A worker whose module lacks a handler for one of its service's commands must not start:
-    the command would wait in its queue for ever."""
-    worker_app: Celery | None = getattr(sender, "app", None)
-    if worker_app is None:
-        return
-    queues = [q.name for q in worker_app.amqp.queues.consume_from.values()]
-    missing = missing_handlers(worker_app, queues)
-    if missing:
-        raise SystemExit(f"no handler for {', '.join(missing)} in this worker: add its participant")
-
-
-@worker_process_init.connect
-def _fresh_pool_after_fork(**_: object) -> None:
-    from models.db import dispose_after_fork
-
-    dispose_after_fork()
-
-
-@worker_process_shutdown.connect
-def _write_sent_marks(**_: object) -> None:
-    """A child leaving cleanly marks what its fast path published (else the relay resends it),
-    and its live gauges stop counting."""
-    from orchestrator.messaging import fastpath
-    from orchestrator.ops import process_metrics
-
-    fastpath.flush()
-    process_metrics.mark_exited()
-
-
-@worker_ready.connect
-@beat_init.connect
-def _serve_metrics(**_: object) -> None:
-    """The worker's (after its pool started) or beat's metrics endpoint, if it has a port."""
-    from orchestrator.ops import process_metrics
-
-    process_metrics.at_zero(tasks=[name for name in app.tasks if not name.startswith("celery.")])
-    process_metrics.serve(settings().metrics_port, settings().metrics_addr)
-
-
-@task_prerun.connect
-def _task_started(task_id: str | None = None, **_: object) -> None:
-    from orchestrator.ops import process_metrics
-
-    process_metrics.task_started(task_id)
-
-
-@task_postrun.connect
-def _task_finished(
-    task_id: str | None = None, task: Any = None, state: str | None = None, **_: object
-) -> None:
-    from orchestrator.ops import process_metrics
-
-    process_metrics.task_finished(task_id, getattr(task, "name", "unknown"), state)
-
-
-@after_task_publish.connect
-def _sent(sender: str | None = None, **_: object) -> None:
-    from orchestrator.ops import process_metrics
-
-    process_metrics.CELERY_SENT.labels(sender or "unknown").inc()
-
-
-@setup_logging.connect
-def _our_logging(**_: object) -> None:
-    """Replace Celery's log setup: every line carries the saga's ids (see orchestrator.ops.logs)."""
-    from orchestrator.ops.logs import setup_logging as configure
-
-    configure(settings().process or "worker")

@@ -186,14 +186,25 @@ def flush() -> None:
         here.flush()
 
 
-atexit.register(flush)
+def hook_sessions() -> None:
+    """Publish each transaction's outbox rows after it commits, carry sent marks in the next one,
+    and write the last marks at a clean exit (bootstrap calls this once per process)."""
+    hooks = (
+        ("before_commit", _carry_marks),
+        ("after_commit", _publish_after_commit),
+        ("after_rollback", _forget_after_rollback),
+    )
+    for name, fn in hooks:
+        if not event.contains(Session, name, fn):
+            event.listen(Session, name, fn)
+    atexit.unregister(flush)
+    atexit.register(flush)
 
 
 def _here() -> _Publisher | None:
     return _current if _current is not None and _current.pid == os.getpid() else None
 
 
-@event.listens_for(Session, "before_commit")
 def _carry_marks(session: Session) -> None:
     """A transaction that commits anyway also writes this process's waiting sent marks: under
     load they cost no commit of their own."""
@@ -204,7 +215,6 @@ def _carry_marks(session: Session) -> None:
         session.info[CARRIED_KEY] = marks
 
 
-@event.listens_for(Session, "after_commit")
 def _publish_after_commit(session: Session) -> None:
     session.info.pop(CARRIED_KEY, None)
     pending: list[Any] = session.info.pop(PENDING_KEY, [])
@@ -212,7 +222,6 @@ def _publish_after_commit(session: Session) -> None:
         _publisher().publish(pending)
 
 
-@event.listens_for(Session, "after_rollback")
 def _forget_after_rollback(session: Session) -> None:
     session.info.pop(PENDING_KEY, None)
     carried = session.info.pop(CARRIED_KEY, None)

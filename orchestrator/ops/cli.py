@@ -102,12 +102,15 @@ def require(*services: str, sandbox: bool = False) -> None:
 
 
 def needs(*services: str, sandbox: bool = False) -> Callable[[F], F]:
-    """``require(*services)`` before the command runs."""
+    """``require(*services)`` before the command runs; a command that works on this system's
+    database or broker (not a sandbox's, not a server about to get a database) is wired first."""
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def checked(*args: Any, **kwargs: Any) -> Any:
             require(*services, sandbox=sandbox)
+            if not sandbox and {"database", "broker"} & set(services):
+                _bootstrap()
             return fn(*args, **kwargs)
 
         return checked  # type: ignore[return-value]
@@ -180,7 +183,7 @@ def web(port: int | None, host: str | None, dev: bool) -> None:
 
     os.environ.setdefault("SAGA_PROCESS", "web")
     _prepare_metrics("web", always=not dev)  # its own /metrics serves them
-    _load_registry()
+    _bootstrap()
     cfg = settings()
     port, host = port or cfg.port, host or cfg.web_host
     from web import create_app
@@ -220,13 +223,14 @@ def _build_registry() -> Any:
         _fail(f"the saga registry cannot be built: {exc}", code=1)
 
 
-def _load_registry() -> None:
-    """Build the registry and check the lock file: a changed released definition stops here."""
-    from orchestrator import registry
+def _bootstrap(worker: str | None = None) -> Any:
+    """Wire this process (orchestrator/bootstrap.py); a released definition that changed, or a
+    registry that cannot be built, stops it here. Returns the Celery app."""
+    from orchestrator import bootstrap, registry
     from orchestrator.kernel.versions import DefinitionChanged
 
     try:
-        registry.load()
+        return bootstrap.worker_app(worker) if worker else bootstrap.bootstrap()
     except (DefinitionChanged, registry.RegistryError, ImportError) as exc:
         _fail(f"the saga registry is not valid: {exc}", code=1)
 
@@ -237,15 +241,15 @@ def _load_registry() -> None:
 @click.option("--pool", default="prefork", show_default=True)
 def worker(name: str, concurrency: int | None, pool: str) -> None:
     """A Celery worker consuming exactly its service's queue (orchestrator, or a service)."""
-    from orchestrator.ops.processes import celery_worker_argv
+    from orchestrator.ops.processes import celery_worker_args
 
     os.environ.setdefault("SAGA_PROCESS", name)
     _prepare_metrics(name)
-    _load_registry()
-    argv = celery_worker_argv(
+    app = _bootstrap(worker=name)
+    args = celery_worker_args(
         name, concurrency or settings().worker_concurrency, pool, settings().worker_node
     )
-    os.execvp(argv[0], argv)
+    sys.exit(app.start(args))
 
 
 @main.command()
@@ -258,7 +262,7 @@ def relay() -> None:
     from orchestrator.ops import process_metrics
     from orchestrator.ops.logs import setup_logging
 
-    _load_registry()
+    _bootstrap()
     setup_logging("relay")
     cfg = settings()
     # The relay's endpoint also answers for the broker's queues (consumers, depth).
@@ -275,25 +279,11 @@ def beat() -> None:
     """Celery beat: schedules the sweep (deadlines and unsent outbox rows)."""
     os.environ.setdefault("SAGA_PROCESS", "beat")
     _prepare_metrics("beat")
-    _load_registry()
+    app = _bootstrap()
     cfg = settings()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     schedule = str(cfg.beat_schedule or cfg.state_dir / f"beat-schedule-{os.getpid()}")
-    os.execvp(
-        sys.executable,
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "orchestrator.messaging.celery_app",
-            "beat",
-            "--schedule",
-            schedule,
-            "--loglevel",
-            "INFO",
-        ],
-    )
+    sys.exit(app.start(["beat", "--schedule", schedule, "--loglevel", "INFO"]))
 
 
 def _scale_option(value: str | None) -> dict[str, int]:
@@ -353,7 +343,7 @@ def run(port: int | None, broker_nodes: int, scale_text: str | None) -> None:
 
     scale = _scale_option(scale_text)
     cfg = settings()
-    _load_registry()
+    _bootstrap()
     names = instance_names(scale)
     port = port or cfg.port
     env = {**os.environ, "PORT": str(port)}

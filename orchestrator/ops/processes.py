@@ -99,16 +99,12 @@ def worker_node_name(name: str, template: str = "") -> str:
     return (template or DEFAULT_WORKER_NODE).format(name=name, pid=os.getpid())
 
 
-def celery_worker_argv(
+def celery_worker_args(
     name: str, concurrency: int, pool: str = "prefork", node: str = ""
 ) -> list[str]:
-    module, queue = workers()[name]
+    """``celery worker`` arguments (for ``app.worker_main``) of worker ``name``."""
+    _, queue = workers()[name]
     return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        module,
         "worker",
         "-Q",
         queue,

@@ -176,17 +176,15 @@ def _reload(cluster: Cluster | None) -> None:
     """Settings, engine, session factory and Celery app read the environment again."""
     global _cluster
     from models import db
+    from orchestrator.bootstrap import bootstrap
     from orchestrator.messaging import fastpath
-    from orchestrator.messaging.celery_app import app
-    from orchestrator.messaging.topology import service_queues
     from orchestrator.ops import config
 
     fastpath.reset()  # its marks belong to the old database, its connection to the old broker
     config.settings.cache_clear()
     db.get_engine.cache_clear()
     db._factory.cache_clear()
-    app.conf.broker_url = config.settings().broker_url
-    app.conf.task_queues = list(service_queues().values())
+    bootstrap()  # the Celery app's broker and queues from the new settings
     _cluster = cluster
 
 

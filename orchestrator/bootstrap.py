@@ -1,0 +1,53 @@
+"""Wiring a process: the one place where hooks, signal handlers and consumers are attached.
+
+Importing a module of this project attaches nothing. Every process calls ``bootstrap`` once, from
+its entry, before it does any work: the ``sagactl`` commands (orchestrator/ops/cli.py), the web's
+``create_app``, the bench and the tests. In order:
+
+1. the saga registry (a released definition that changed stops the process here);
+2. the Celery app's settings: queues from the registry, routes, acks, confirms
+   (orchestrator/messaging/celery_app.py);
+3. the session hooks: a transaction's timeline events are written just before it commits
+   (orchestrator/kernel/engine.py), its outbox rows published just after (the fast path,
+   orchestrator/messaging/fastpath.py);
+4. Celery's signal handlers: logging, metrics, fork safety (orchestrator/messaging/worker_signals.py).
+
+``worker_app(name)`` also loads a worker's tasks (its module, from the registry) and, for the
+orchestrator, adds its consumer steps. Calling either again is harmless: the settings are
+re-read (a test that switched sandboxes), nothing is attached twice.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from celery import Celery
+
+from orchestrator import registry
+from orchestrator.kernel import engine
+from orchestrator.messaging import celery_app, fastpath, worker_signals
+from orchestrator.ops.config import settings
+
+
+def bootstrap() -> Celery:
+    """Wire this process (steps 1-4 above); returns the Celery app, configured."""
+    registry.load()
+    app = celery_app.configure(celery_app.app, settings())
+    engine.hook_sessions()
+    fastpath.hook_sessions()
+    worker_signals.connect()
+    return app
+
+
+def worker_app(name: str) -> Celery:
+    """``bootstrap`` plus the worker's tasks and, for the orchestrator, its consumer steps."""
+    from orchestrator.ops.processes import workers
+
+    app = bootstrap()
+    module, _ = workers()[name]
+    importlib.import_module(module)
+    if name == registry.ORCHESTRATOR:
+        from orchestrator.messaging.deadletters import DeadLetterIntake
+
+        app.steps["consumer"].add(DeadLetterIntake)
+    return app
