@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -66,7 +67,7 @@ from types import FrameType
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from kombu import Connection, Consumer
 from sqlalchemy.exc import DBAPIError
 
@@ -370,13 +371,19 @@ class _Running:
         for i in range(count):
             consumer = BatchConsumer(spec.queue, spec.handler, name=spec.name, source=spec.source)
             thread = threading.Thread(
-                target=consumer.run,
-                args=(self.stop,),
+                target=self._run,
+                args=(consumer,),
                 name=f"batches-{spec.queue}-{i}",
                 daemon=True,
             )
             thread.start()
             self.threads.append(thread)
+
+    def _run(self, consumer: BatchConsumer) -> None:
+        while not _gate.wait(POLL_S):  # the worker is not running yet (see _open_gate)
+            if self.stop.is_set():
+                return
+        consumer.run(self.stop)
 
     def finish(self, timeout_s: float = 60.0) -> None:
         """Stop taking messages, and wait for the batches in hand."""
@@ -387,6 +394,11 @@ class _Running:
 
 
 _running: _Running | None = None
+
+# Opened once the worker's event loop runs. Celery stops a worker whose pool process died before
+# that ("Could not start worker processes", celery/worker/loops.py): a consumer must not take
+# (and maybe die on, at a fail point) a message earlier. Shared with the pool processes (fork).
+_gate = multiprocessing.get_context("fork").Event()
 
 
 def _start_here(count: int) -> None:
@@ -442,6 +454,15 @@ def consume_in_batches(
     _specs.append(_Spec(queue, handler, name, source))
     if _BatchStep not in app.steps["worker"]:
         app.steps["worker"].add(_BatchStep)
+
+
+@worker_ready.connect
+def _open_gate(sender: Any = None, **_: Any) -> None:
+    hub = getattr(sender, "hub", None)
+    if hub is not None:
+        hub.call_soon(_gate.set)  # on the loop's first round: after Celery's start-up check
+    else:
+        _gate.set()
 
 
 @worker_process_init.connect
