@@ -37,6 +37,9 @@ The API (stable; a change is written down in /work/wt/b1-API-CHANGES.md)::
         before the acks (the orchestrator marks its outbox rows sent there).
         Every delivery not rejected is acked after that.
     outgoing(task, envelope, message_id=None) -> a message for ``Outcome.publish``.
+    BatchConsumer(queue, handler, *, name, source="batch", max_size=None).run(stop_event)
+        One consumer, blocking until ``stop_event`` is set (what the wiring runs in a thread);
+        ``queue``: a queue of the topology by name, or a kombu ``Queue``.
 
 Order of a batch: handler (commit) -> ``<name>.before_publish`` -> publish, confirms ->
 ``<name>.after_publish`` -> ``after_publish()`` -> rejects -> acks. A process killed anywhere in
@@ -68,7 +71,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
-from kombu import Connection, Consumer
+from kombu import Connection, Consumer, Queue
 from sqlalchemy.exc import DBAPIError
 
 from orchestrator.messaging import outbox
@@ -146,14 +149,16 @@ class BatchConsumer:
 
     def __init__(
         self,
-        queue: str,
+        queue: str | Queue,
         handler: Handler,
         *,
         name: str,
         source: str = "batch",
         max_size: int | None = None,
     ) -> None:
-        self.queue = queue
+        # A queue of the topology by name, or any kombu Queue (declared as given).
+        self._queue = queue if isinstance(queue, Queue) else None
+        self.queue = queue.name if isinstance(queue, Queue) else queue
         self.handler = handler
         self.name = name
         self.max_size = max(1, max_size or settings().batch_max)
@@ -194,7 +199,7 @@ class BatchConsumer:
         conn.ensure_connection(max_retries=3, interval_start=0, interval_step=0.2)
         channel = conn.channel()
         channel.basic_qos(0, self.max_size, False)
-        queue = service_queues()[self.queue]
+        queue = self._queue or service_queues()[self.queue]
         consumer = Consumer(channel, queues=[queue], on_message=self._received.append)
         self._received.clear()
         with consumer:
