@@ -47,7 +47,12 @@ def worker_app(name: str) -> Celery:
     module, _ = workers()[name]
     importlib.import_module(module)
     if name == registry.ORCHESTRATOR:
+        from orchestrator.kernel.tasks import on_batch
+        from orchestrator.messaging import batches
         from orchestrator.messaging.deadletters import DeadLetterIntake
 
         app.steps["consumer"].add(DeadLetterIntake)
+        batches.consume_in_batches(
+            app, registry.ORCHESTRATOR_QUEUE, on_batch, name="orchestrator", source="fast_path"
+        )
     return app

@@ -68,6 +68,9 @@ def project_settings() -> dict[str, Any]:
 def create_raw_celery(broker_url: str) -> Celery:
     raw = Celery("bench_raw", broker=broker_url)
     raw.conf.update(project_settings())
+    # The saga's batch consumers keep up to SAGA_BATCH_MAX messages unacked each, one per pool
+    # process: the raw workers get the same window (prefetch multiplier x concurrency).
+    raw.conf.update(worker_prefetch_multiplier=max(settings().prefetch, settings().batch_max))
     raw.conf.update(
         task_queues=_queues(),
         task_default_exchange=EXCHANGE.name,
