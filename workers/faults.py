@@ -27,7 +27,7 @@ class InjectedRefusal(Exception):
     """The ``fail`` fault: a business refusal."""
 
 
-def _enabled(fault: str | None) -> bool:
+def enabled(fault: str | None) -> bool:
     return bool(fault) and settings().fault_injection
 
 
@@ -41,7 +41,7 @@ def _fired(fault: str, command: Command, attempt: int) -> None:
 
 def before_work(fault: str | None, command: Command, attempt: int, redelivered: bool) -> None:
     """Apply the faults that strike before the local work."""
-    if not _enabled(fault):
+    if not enabled(fault):
         return
     assert fault is not None
     match = FAULT.fullmatch(fault)
@@ -63,6 +63,6 @@ def before_work(fault: str | None, command: Command, attempt: int, redelivered: 
 
 def after_work(fault: str | None, command: Command, attempt: int, applied_now: bool) -> None:
     """``crash``: die right after the first attempt committed its effect, before the reply."""
-    if _enabled(fault) and fault == "crash" and applied_now:
+    if enabled(fault) and fault == "crash" and applied_now:
         _fired("crash", command, attempt)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,7 +1,8 @@
 """Named fail points for crashes an order cannot reach (``SAGA_FAULT_INJECTION=1`` only).
 
 A test arms one by creating the file ``$SAGA_FAILPOINTS_DIR/<name>``; the next process to pass that
-point removes the file (so it fires once) and dies at once, as SIGKILL would. Before dying it adds
+point removes the file (so it fires once) and dies at once, as SIGKILL would. A file that reads
+``batch>=N`` fires only in a batch of at least N messages (batches.py passes the size). Before dying it adds
 ``<name> <pid>`` to ``$SAGA_FAILPOINTS_DIR/fired``, so a harness can tell a planned death from a crash.
 """
 
@@ -18,15 +19,19 @@ NAMES = (
     "orchestrator.after_commit",  # committed; its fast path already published (or gave up)
     "orchestrator.before_publish",  # committed, fast path not yet published: the relay sends it
     "orchestrator.after_publish",  # published, not yet marked sent: the relay sends it again
+    "orchestrator.before_commit",  # a batch of replies applied, not committed: all redelivered
 )
 
 
-def hit(name: str) -> None:
+def hit(name: str, batch: int = 1) -> None:
     cfg = settings()
     if not cfg.fault_injection or cfg.failpoints_dir is None:
         return
     marker = cfg.failpoints_dir / name
     try:
+        condition = marker.read_text(encoding="utf-8").strip()
+        if condition.startswith("batch>=") and batch < int(condition.removeprefix("batch>=")):
+            return
         marker.unlink()
     except FileNotFoundError:
         return
