@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from models.db import is_retryable, run_in_transaction
 from orchestrator.kernel.machine import RetryPolicy
-from orchestrator.messaging.envelopes import Command, ReplyOutcome, ReplyPayload
+from orchestrator.messaging.envelopes import Command, ReplyOutcome, ReplyPayload, trace_headers
 from orchestrator.ops import failpoints
 from orchestrator.ops.logs import log_context
 from workers import faults
@@ -64,11 +64,18 @@ PARTICIPANTS: dict[str, Participant] = {}
 
 @dataclass(frozen=True)
 class Incoming:
-    """A command as delivered: ``retries`` is Celery's count of earlier tries of this dispatch."""
+    """A command as delivered: ``retries`` is Celery's count of earlier tries of this dispatch;
+    ``task_id`` is given where Celery does not log the task's end itself (a batch consumer)."""
 
     command: Command
     retries: int = 0
     redelivered: bool = False
+    task_id: str | None = None
+
+    @property
+    def what(self) -> str:
+        """``task[id]``, as Celery names a task in its log lines."""
+        return f"{self.command.type}[{self.task_id}]"
 
     @property
     def tries(self) -> int:
@@ -99,6 +106,13 @@ class Verdict:
     reply: ReplyPayload | None
     retry_in_s: float | None = None
     error: BaseException | None = None
+
+
+def reply_headers(command: Command, envelope: dict[str, Any]) -> dict[str, str]:
+    """A reply's headers: its ids, and what its command was about (the order id)."""
+    return trace_headers(
+        {**envelope, "payload": {"order_id": command.typed_payload().business_key}}
+    )
 
 
 def has_fault(incoming: Incoming) -> bool:
@@ -191,9 +205,12 @@ def replied(incoming: Incoming, result: Result) -> Verdict:
         *([] if result.applied_now else ["changed nothing"]),
         *(["redelivered"] if incoming.redelivered else []),
     ]
+    # Where Celery logs no "Task name[id] succeeded" line of its own, this line is that line.
+    ended = f"Task {incoming.what} {outcome.value}: " if incoming.task_id else ""
     with incoming.context():
         log.info(
-            "attempt %d %s%s",
+            "%sattempt %d %s%s",
+            ended,
             incoming.attempt,
             outcome.value,
             f" ({', '.join(notes)})" if notes else "",

@@ -11,10 +11,10 @@ import logging
 import os
 import signal
 import sys
-import time
 
 from orchestrator.messaging.envelopes import FAULT, Command, fault_fired_line
 from orchestrator.ops.config import settings
+from workers import limits
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def before_work(fault: str | None, command: Command, attempt: int, redelivered: 
         raise TransientError(f"injected fault: {fault} (attempt {attempt})")
     if match.group("s") and attempt == 1 and not redelivered:
         _fired(fault, command, attempt)
-        time.sleep(float(match.group("s")))
+        limits.sleep(float(match.group("s")))  # a batch consumer keeps the soft limit
 
 
 def after_work(fault: str | None, command: Command, attempt: int, applied_now: bool) -> None:

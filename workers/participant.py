@@ -28,7 +28,6 @@ from orchestrator.messaging.envelopes import (
     ReplyPayload,
     make_reply,
     parse_command,
-    trace_headers,
 )
 from workers.applying import (
     PARTICIPANTS,
@@ -37,19 +36,14 @@ from workers.applying import (
     Prepare,
     Result,
     apply_alone,
+    reply_headers,
 )
 
-__all__ = ["Result", "participant", "reply_headers", "run", "send_reply"]
+__all__ = ["Result", "participant", "run", "send_reply"]
 
 log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=CommandPayload)
-
-
-def reply_headers(command: Command, envelope: dict[str, Any]) -> dict[str, str]:
-    return trace_headers(
-        {**envelope, "payload": {"order_id": command.typed_payload().business_key}}
-    )
 
 
 def send_reply(command: Command, attempt: int, payload: ReplyPayload) -> None:
