@@ -183,6 +183,19 @@ def lock_saga(session: Session, saga_id: uuid.UUID, *, skip_locked: bool = False
     return session.scalars(query).unique().one_or_none()
 
 
+def lock_sagas(session: Session, saga_ids: list[uuid.UUID]) -> dict[uuid.UUID, Saga]:
+    """Many saga rows with their steps, locked in the order of their ids (one statement): two
+    orchestrators locking overlapping batches wait for each other and never deadlock."""
+    query = (
+        sa.select(Saga)
+        .options(joinedload(Saga.steps))
+        .where(Saga.id.in_(sorted(set(saga_ids))))
+        .order_by(Saga.id)
+        .with_for_update(of=Saga)
+    )
+    return {saga.id: saga for saga in session.scalars(query).unique()}
+
+
 EVENTS_KEY = "saga.events"
 
 
@@ -478,7 +491,17 @@ def _record_retry(
 def _has_failure_event(
     session: Session, saga: Saga, prefix: str, command: str, attempt: int
 ) -> bool:
-    """A late note may also be a duplicate: its failure is recorded once."""
+    """A late note may also be a duplicate: its failure is recorded once (in the table, or by
+    an earlier reply of this transaction: a batch)."""
+    event = f"{prefix}.failed"
+    for row in session.info.get(EVENTS_KEY, ()):
+        if (row["saga_id"], row["event"], row["step"], row["attempt"]) == (
+            saga.id,
+            event,
+            command,
+            attempt,
+        ):
+            return True
     query = sa.select(sa.literal(1)).where(
         _EVENTS.c.saga_id == saga.id,
         _EVENTS.c.event == f"{prefix}.failed",

@@ -2,11 +2,17 @@
 
 Like a web view: unpack, call the engine, return. Start with
 ``celery -A orchestrator.kernel.tasks worker -Q saga.orchestrator`` (``sagactl worker orchestrator``).
+
+The worker takes its queue in batches (``on_batch``, through orchestrator/messaging/batches.py):
+every reply that is waiting, applied in one transaction, the commands published after the
+commit with pipelined confirms, then the acks. ``SAGA_BATCH_MAX=0`` turns that off: Celery then
+runs the ``saga.reply`` task below for each reply, one transaction each.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task
@@ -14,12 +20,13 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import DBAPIError
 
 from models.db import run_in_transaction
-from orchestrator.kernel import engine, sweeper
+from orchestrator.kernel import engine, replies, sweeper
+from orchestrator.messaging import batches, fastpath
 from orchestrator.messaging.celery_app import app
 from orchestrator.messaging.deadletters import DeadLetterIntake
-from orchestrator.messaging.envelopes import PoisonMessage, parse_reply
+from orchestrator.messaging.envelopes import PoisonMessage, Reply, parse_reply
 from orchestrator.ops import failpoints
-from orchestrator.ops.logs import log_context
+from orchestrator.registry import ORCHESTRATOR_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +35,7 @@ app.steps["consumer"].add(DeadLetterIntake)
 # A database outage is retried for a while (about a minute); past that the reply is
 # dead-lettered, recorded, and the step's deadline makes the sweeper ask again. Celery counts this
 # backoff in whole seconds (int(max(1.0, backoff)) in celery/app/autoretry.py): 1, 2, 4, 8, 10...
-# each an upper bound under jitter.
+# each an upper bound under jitter. A batch reruns on the same schedule (batches.TRANSIENT_RETRIES).
 _DB_RETRY = {
     "autoretry_for": (DBAPIError,),
     "max_retries": 12,
@@ -44,29 +51,17 @@ def reply(self: Task, envelope: Any) -> str:
         msg = parse_reply(envelope)
     except PoisonMessage as exc:
         raise Reject(str(exc), requeue=False) from exc
-    body = msg.body
-    with log_context(saga_id=msg.saga_id, step=msg.type, request_id=msg.request_id):
 
-        def work(session: Any) -> str:
-            saga = engine.lock_saga(session, msg.saga_id)
-            if saga is None:
-                return "ignored (unknown saga)"
-            return engine.on_reply(
-                session,
-                saga,
-                msg.command,
-                msg.request_id,
-                msg.attempt,
-                body.outcome,
-                error=body.error or body.reason,
-                retry_in_s=body.retry_in_s,
-                sent_at=msg.sent_at,
-            )
+    def work(session: Any) -> str:
+        saga = engine.lock_saga(session, msg.saga_id)
+        if saga is None:
+            return replies.UNKNOWN_SAGA
+        return replies.apply_reply(session, saga, msg)
 
-        result = run_in_transaction(work)
-        failpoints.hit("orchestrator.after_commit")
-        log.info("reply %s attempt %d: %s", body.outcome.value, msg.attempt, result)
-        return result
+    result = run_in_transaction(work)
+    failpoints.hit("orchestrator.after_commit")
+    replies.log_applied(msg, result)
+    return result
 
 
 @app.task(name="saga.sweep")
@@ -75,3 +70,54 @@ def sweep() -> dict[str, int]:
     if report.sagas_acted_on or report.outbox_relayed:
         log.info("sweep: %s", report)
     return {"sagas": report.sagas_acted_on, "outbox": report.outbox_relayed}
+
+
+def on_batch(deliveries: list[batches.Delivery]) -> batches.Outcome:
+    """Every message waiting on the orchestrator's queue: the replies in one transaction, then
+    (beat's ticks) one sweep. Returns the commands to publish and what to dead-letter."""
+    outcome = batches.Outcome()
+    taken: list[tuple[batches.Delivery, Reply]] = []
+    ticks = []
+    for d in deliveries:
+        if d.task == "saga.sweep":
+            ticks.append(d)
+        elif d.task != "saga.reply":
+            outcome.rejected.append((d, f"no handler for {d.task} on {ORCHESTRATOR_QUEUE}"))
+        else:
+            try:
+                taken.append((d, parse_reply(d.args[0] if d.args else None)))
+            except PoisonMessage as exc:
+                log.error("poison reply rejected to the dead-letter queue: %s", exc)
+                outcome.rejected.append((d, str(exc)))
+    if taken:
+        applied = replies.apply_batch([msg for _, msg in taken])
+        for i, ((d, msg), result) in enumerate(zip(taken, applied.results, strict=True)):
+            if i in applied.refused:
+                outcome.rejected.append((d, applied.refused[i]))
+            replies.log_applied(msg, result or applied.refused[i])
+        outcome.publish = applied.publish  # the batch's commands, sent by batches.py
+
+        def after_publish() -> None:
+            fastpath.published(applied.publish)  # marked sent by this process's next commit
+            failpoints.hit("orchestrator.after_commit", batch=len(taken))
+
+        outcome.after_publish = after_publish
+    if any(not _expired(d) for d in ticks):
+        sweep()  # several ticks in one batch: one sweep does their work
+    return outcome
+
+
+def _expired(tick: batches.Delivery) -> bool:
+    """Beat's ticks expire (``expires``): one that waited past it is left to the next one."""
+    expires = tick.headers.get("expires")
+    if not expires:
+        return False
+    try:
+        return datetime.fromisoformat(str(expires)) < datetime.now(UTC)
+    except ValueError:
+        return False
+
+
+batches.consume_in_batches(
+    app, ORCHESTRATOR_QUEUE, on_batch, name="orchestrator", source="fast_path"
+)

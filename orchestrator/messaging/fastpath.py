@@ -92,7 +92,11 @@ class _Publisher:
                 self._publisher = None
                 return
         failpoints.hit(f"{_process()}.after_publish")
-        self.give_back([(row.message_id, datetime.now(UTC)) for row in pending])
+        self.sent(pending)
+
+    def sent(self, rows: list[Any]) -> None:
+        """These rows were published (and confirmed) now: mark them sent, soon."""
+        self.give_back([(row.message_id, datetime.now(UTC)) for row in rows])
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
                 target=self._flush_idle, name="outbox-marks", daemon=True
@@ -177,6 +181,21 @@ def _process() -> str:
     from orchestrator.ops.config import settings
 
     return settings().process or "process"
+
+
+def take_pending(session: Session) -> list[Any]:
+    """The rows this transaction enqueued, taken from the after-commit publish: the caller
+    publishes them itself once the transaction committed (a batch, with its own publisher), and
+    then tells ``published``."""
+    rows: list[Any] = session.info.pop(PENDING_KEY, [])
+    return rows
+
+
+def published(rows: list[Any]) -> None:
+    """Rows their writer published itself (``take_pending``): their sent marks ride along in this
+    process's next transaction, as the fast path's own do."""
+    if rows:
+        _publisher().sent(rows)
 
 
 def flush() -> None:

@@ -54,22 +54,51 @@ class _Row:
     envelope: dict[str, Any]
 
 
-def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
-    """Add a command to the outbox in the caller's transaction."""
-    row = _Row(
-        message_id=uuid.uuid4(),
+def row(task: str, envelope: dict[str, Any], message_id: uuid.UUID | None = None) -> _Row:
+    """A command as a row (what ``to_wire`` reads), to ``task``'s queue."""
+    return _Row(
+        message_id=message_id or uuid.uuid4(),
         task=task,
         queue=queue_for_task(task),
         headers=trace_headers(envelope),
         envelope=envelope,
     )
-    session.execute(
-        sa.insert(_TABLE).values(**vars(row), saga_id=uuid.UUID(str(envelope["saga_id"])))
-    )
+
+
+def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
+    """Add a command to the outbox in the caller's transaction (see ``defer_inserts``)."""
+    new = row(task, envelope)
+    values = {**vars(new), "saga_id": uuid.UUID(str(envelope["saga_id"]))}
+    deferred: list[dict[str, Any]] | None = session.info.get(DEFERRED_KEY)
+    if deferred is not None:
+        deferred.append(values)
+    else:
+        session.execute(sa.insert(_TABLE).values(**values))
     if fastpath.enabled():
-        session.info.setdefault(fastpath.PENDING_KEY, []).append(row)
+        session.info.setdefault(fastpath.PENDING_KEY, []).append(new)
     else:
         session.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
+
+
+DEFERRED_KEY = "outbox.deferred"
+
+
+def defer_inserts(session: Session) -> None:
+    """This transaction's rows are written at its commit, in one multi-row INSERT (a batch of
+    replies writes many), instead of one INSERT each."""
+    session.info.setdefault(DEFERRED_KEY, [])
+
+
+@sa.event.listens_for(Session, "before_commit")
+def _write_deferred(session: Session) -> None:
+    rows = session.info.pop(DEFERRED_KEY, None)
+    if rows:
+        session.execute(sa.insert(_TABLE), rows)
+
+
+@sa.event.listens_for(Session, "after_rollback")
+def _forget_deferred(session: Session) -> None:
+    session.info.pop(DEFERRED_KEY, None)
 
 
 def backlog(session: Session, limit: int) -> int:

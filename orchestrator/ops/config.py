@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     outbox_grace_s: float = _env("SAGA_OUTBOX_GRACE_S", 5.0, ge=0)
     worker_concurrency: int = _env("SAGA_WORKER_CONCURRENCY", 2, ge=1)
     prefetch: int = _env("SAGA_PREFETCH", 4, ge=1)
+    # Messages a batch consumer (orchestrator/messaging/batches.py) takes at once, and so its
+    # prefetch: every one that is waiting, up to this many, never waiting for more. 0: no
+    # batching (Celery's consumer, one task and one transaction per message).
+    batch_max: int = _env("SAGA_BATCH_MAX", 100, ge=0)
     # Quorum queue replicas (x-quorum-initial-group-size); every process must agree, since the broker
     # refuses a declaration that differs from the queue's. Unset: the argument is not sent, so
     # queues declared before the setting existed are still accepted (RabbitMQ's default applies).

@@ -84,6 +84,12 @@ SWEEP_ACTIONS = Counter(
     ["action"],  # deadline, outbox
 )
 SWEEP_DURATION = Histogram("saga_sweep_duration_seconds", "One sweep", buckets=SLOW)
+BATCH_MESSAGES = Histogram(
+    "saga_batch_messages",
+    "Messages a batch consumer took at once (orchestrator/messaging/batches.py), by queue",
+    ["queue"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+)
 # Where the service breaker's state and the commands held by a paused service go when they exist
 # (issue 12, items 1-2): gauges (they go up and down), e.g. saga_service_state{service,state} and
 # saga_commands_held{service}, defined here beside the others.
@@ -198,6 +204,11 @@ def task_finished(task_id: str | None, task_name: str, state: str | None) -> Non
     TASKS.labels(task_name, outcome).inc()
     if began is not None:
         TASK_DURATION.labels(task_name).observe(time.perf_counter() - began)
+
+
+def observe_batch(queue: str, size: int) -> None:
+    """One batch of ``size`` messages taken from ``queue``."""
+    BATCH_MESSAGES.labels(queue).observe(size)
 
 
 # ---------------------------------------------------------------- publishing
