@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from models.db import is_retryable, run_in_transaction
 from orchestrator.kernel.machine import RetryPolicy
 from orchestrator.messaging.envelopes import Command, ReplyOutcome, ReplyPayload, trace_headers
+from orchestrator.messaging.topology import queue_for_task
 from orchestrator.ops import failpoints
 from orchestrator.ops.logs import log_context
 from workers import faults
@@ -145,7 +146,8 @@ def _apply(session: Session, batch: list[Incoming]) -> list[Result]:
     results = []
     for i, incoming in enumerate(batch):
         if len(batch) > 1 and i == len(batch) // 2:
-            failpoints.hit(f"{incoming.command.type.split('.')[0]}.mid_batch", batch=len(batch))
+            # Half the batch applied, nothing committed: a death here redelivers all of it.
+            failpoints.hit(f"{queue_for_task(incoming.command.type)}.mid_batch", batch=len(batch))
         command = incoming.command
         with incoming.context():
             handler = PARTICIPANTS[command.type].handler

@@ -29,6 +29,8 @@ from orchestrator.messaging.envelopes import (
     make_reply,
     parse_command,
 )
+from orchestrator.messaging.topology import queue_for_task
+from workers import batching
 from workers.applying import (
     PARTICIPANTS,
     Incoming,
@@ -88,12 +90,14 @@ def _retry_later(task: Task, delay: float) -> Exception:
 def participant(
     name: str, *, prepare: Prepare | None = None
 ) -> Callable[[Callable[[Session, Command, P], Result]], Task]:
-    """Register ``fn`` as the handler of command ``name``: the Celery task ``name`` (routed to its
-    service's queue) and the batch consumer's. ``prepare`` runs once at the start of each
-    transaction, with all of its commands of this kind (stock.lock_for locks their products)."""
+    """Register ``fn`` as the handler of command ``name``: the Celery task ``name`` (routed to
+    its service's queue; one message a task when ``SAGA_BATCH_MAX=0``) and the handler the batch
+    consumer of that queue calls (workers/batching.py). ``prepare`` runs once at the start of
+    each transaction, with all its commands of this kind (stock.lock_for locks their products)."""
 
     def register(fn: Callable[[Session, Command, P], Result]) -> Task:
         PARTICIPANTS[name] = Participant(name, fn, prepare)
+        batching.wire(queue_for_task(name))
 
         def task_body(self: Task, envelope: Any) -> str:
             return run(self, envelope)

@@ -1,0 +1,138 @@
+"""A participant service's queue consumed in batches (orchestrator/messaging/batches.py): every
+command that waits, applied in one transaction, its replies published with pipelined confirms,
+then the messages acked.
+
+For one batch, in this order:
+1. each message read as a command; one that cannot be (a poison message) is dead-lettered alone;
+2. the commands without an injected fault: ``apply_batch``, one transaction; if it fails as a
+   whole (the database went away, a command that raises), each of them alone instead;
+3. the commands with a fault, each alone (``apply_alone``) after the batch's commit, so a
+   ``crash`` there kills the process after the others' effects are in (their redelivery replays
+   them) and a ``hang`` never holds the others' transaction open;
+4. the consumer publishes every reply, then rejects the dead letters and acks the rest. A
+   transient failure's retry is sent here, before that ack, as Celery's ``task.retry`` does it
+   (the same message, ``retries`` one higher, delayed by the broker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from orchestrator.messaging import batches
+from orchestrator.messaging.celery_app import app
+from orchestrator.messaging.envelopes import PoisonMessage, make_reply, parse_command
+from workers import limits
+from workers.applying import (
+    Incoming,
+    Verdict,
+    apply_alone,
+    apply_batch,
+    has_fault,
+    reply_headers,
+)
+
+log = logging.getLogger(__name__)
+
+_wired: set[str] = set()
+
+
+def wire(queue: str) -> None:
+    """Let the worker that consumes ``queue`` consume it in batches (once per queue)."""
+    if queue not in _wired:
+        _wired.add(queue)
+        batches.consume_in_batches(app, queue, handle, name=queue, source=queue)
+
+
+def handle(deliveries: list[batches.Delivery]) -> batches.Outcome:
+    outcome = batches.Outcome()
+    plain: list[tuple[batches.Delivery, Incoming]] = []
+    faulted: list[tuple[batches.Delivery, Incoming]] = []
+    for delivery in deliveries:
+        try:
+            incoming = _read(delivery)
+        except PoisonMessage as exc:
+            log.error("poison message rejected: %s", exc)
+            outcome.rejected.append((delivery, str(exc)))
+            continue
+        (faulted if has_fault(incoming) else plain).append((delivery, incoming))
+    verdicts = _apply_together(plain) + [(d, _alone(i)) for d, i in faulted]
+    for delivery, verdict in verdicts:
+        _settle(outcome, delivery, verdict)
+    return outcome
+
+
+def _read(delivery: batches.Delivery) -> Incoming:
+    if len(delivery.args) != 1 or delivery.kwargs:
+        raise PoisonMessage(f"{delivery.task} takes one envelope, got {len(delivery.args)} args")
+    command = parse_command(delivery.args[0], expected_type=delivery.task)
+    return Incoming(
+        command,
+        retries=int(delivery.headers.get("retries") or 0),
+        redelivered=delivery.redelivered,
+        task_id=delivery.task_id,
+    )
+
+
+def _apply_together(
+    plain: list[tuple[batches.Delivery, Incoming]],
+) -> list[tuple[batches.Delivery, Verdict]]:
+    if not plain:
+        return []
+    batch = [incoming for _, incoming in plain]
+    try:
+        with limits.watch(f"a batch of {len(batch)} ({batch[0].what}, ...)"):
+            verdicts = apply_batch(batch)
+    except Exception as exc:  # anything: alone, each command meets its own error (or none)
+        if len(batch) > 1:
+            log.warning("a batch of %d failed (%r); each command again alone", len(batch), exc)
+        verdicts = [_alone(incoming) for incoming in batch]
+    else:
+        if len(batch) > 1:
+            log.info("a batch of %d commands applied in one transaction", len(batch))
+    return [(delivery, verdict) for (delivery, _), verdict in zip(plain, verdicts, strict=True)]
+
+
+def _alone(incoming: Incoming) -> Verdict:
+    with limits.watch(incoming.what):
+        return apply_alone(incoming)
+
+
+def _settle(outcome: batches.Outcome, delivery: batches.Delivery, verdict: Verdict) -> None:
+    incoming = verdict.incoming
+    if verdict.error is not None:
+        outcome.rejected.append((delivery, f"{type(verdict.error).__name__}: {verdict.error}"))
+        return
+    assert verdict.reply is not None
+    envelope = make_reply(incoming.command, incoming.attempt, verdict.reply)
+    reply = batches.outgoing("saga.reply", envelope)
+    outcome.publish.append(
+        dataclasses.replace(reply, headers=reply_headers(incoming.command, envelope))
+    )
+    if verdict.retry_in_s is not None:
+        _retry_later(delivery, verdict.retry_in_s)
+
+
+def _retry_later(delivery: batches.Delivery, delay: float) -> None:
+    """What ``task.retry(countdown=delay)`` sends: the same task message, one retry more, delayed
+    by the broker; a wait under a second (which its routing keys cannot express) is slept here."""
+    countdown: float | None = delay
+    if delay < 1.0:
+        time.sleep(delay)
+        countdown = None
+    options: dict[str, Any] = {"countdown": countdown} if countdown else {}
+    app.send_task(
+        delivery.task,
+        args=delivery.args,
+        kwargs=delivery.kwargs,
+        task_id=delivery.task_id or None,
+        retries=int(delivery.headers.get("retries") or 0) + 1,
+        headers={k: v for k, v in delivery.headers.items() if k in _TRACE_HEADERS},
+        argsrepr=delivery.headers.get("argsrepr"),  # masked by its first publisher
+        **options,
+    )
+
+
+_TRACE_HEADERS = ("saga_id", "request_id", "order_id")
