@@ -30,7 +30,14 @@ from sqlalchemy.orm import Session
 
 from models.db import is_retryable, run_in_transaction
 from orchestrator.kernel.machine import RetryPolicy
-from orchestrator.messaging.envelopes import Command, ReplyOutcome, ReplyPayload, trace_headers
+from orchestrator.messaging.celery_app import app
+from orchestrator.messaging.envelopes import (
+    Command,
+    ReplyOutcome,
+    ReplyPayload,
+    make_reply,
+    trace_headers,
+)
 from orchestrator.messaging.topology import queue_for_task
 from orchestrator.ops import failpoints
 from orchestrator.ops.logs import log_context
@@ -114,6 +121,12 @@ def reply_headers(command: Command, envelope: dict[str, Any]) -> dict[str, str]:
     return trace_headers(
         {**envelope, "payload": {"order_id": command.typed_payload().business_key}}
     )
+
+
+def send_reply(command: Command, attempt: int, payload: ReplyPayload) -> None:
+    """Publish one reply now (its own publisher confirm): the path of one message a task."""
+    envelope = make_reply(command, attempt, payload)
+    app.send_task("saga.reply", args=[envelope], headers=reply_headers(command, envelope))
 
 
 def has_fault(incoming: Incoming) -> bool:

@@ -6,9 +6,10 @@ For one batch, in this order:
 1. each message read as a command; one that cannot be (a poison message) is dead-lettered alone;
 2. the commands without an injected fault: ``apply_batch``, one transaction; if it fails as a
    whole (the database went away, a command that raises), each of them alone instead;
-3. the commands with a fault, each alone (``apply_alone``) after the batch's commit, so a
-   ``crash`` there kills the process after the others' effects are in (their redelivery replays
-   them) and a ``hang`` never holds the others' transaction open;
+3. the commands with a fault, each alone (``apply_alone``) after the batch's commit and after
+   the others' replies went out, so a ``crash`` there kills the process after the others'
+   effects are in (their redelivery replays them) and a ``hang`` holds back neither their
+   transaction nor their replies;
 4. the consumer publishes every reply, then rejects the dead letters and acks the rest. A
    transient failure's retry is sent here, before that ack, as Celery's ``task.retry`` does it
    (the same message, ``retries`` one higher, delayed by the broker).
@@ -32,6 +33,7 @@ from workers.applying import (
     apply_batch,
     has_fault,
     reply_headers,
+    send_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,13 @@ def handle(deliveries: list[batches.Delivery]) -> batches.Outcome:
             outcome.rejected.append((delivery, str(exc)))
             continue
         (faulted if has_fault(incoming) else plain).append((delivery, incoming))
-    verdicts = _apply_together(plain) + [(d, _alone(i)) for d, i in faulted]
-    for delivery, verdict in verdicts:
-        _settle(outcome, delivery, verdict)
+    together = _apply_together(plain)
+    # A fault (a hang, a crash) must not hold back the others' replies: with one in the batch,
+    # theirs go out now, one confirm each (fault injection only), before it is applied.
+    for delivery, verdict in together:
+        _settle(outcome, delivery, verdict, now=bool(faulted))
+    for delivery, incoming in faulted:
+        _settle(outcome, delivery, _alone(incoming))
     return outcome
 
 
@@ -100,17 +106,23 @@ def _alone(incoming: Incoming) -> Verdict:
         return apply_alone(incoming)
 
 
-def _settle(outcome: batches.Outcome, delivery: batches.Delivery, verdict: Verdict) -> None:
+def _settle(
+    outcome: batches.Outcome, delivery: batches.Delivery, verdict: Verdict, now: bool = False
+) -> None:
+    """Add the verdict to the batch's outcome (``now``: send its reply at once instead)."""
     incoming = verdict.incoming
     if verdict.error is not None:
         outcome.rejected.append((delivery, f"{type(verdict.error).__name__}: {verdict.error}"))
         return
     assert verdict.reply is not None
-    envelope = make_reply(incoming.command, incoming.attempt, verdict.reply)
-    reply = batches.outgoing("saga.reply", envelope)
-    outcome.publish.append(
-        dataclasses.replace(reply, headers=reply_headers(incoming.command, envelope))
-    )
+    if now:
+        send_reply(incoming.command, incoming.attempt, verdict.reply)
+    else:
+        envelope = make_reply(incoming.command, incoming.attempt, verdict.reply)
+        reply = batches.outgoing("saga.reply", envelope)
+        outcome.publish.append(
+            dataclasses.replace(reply, headers=reply_headers(incoming.command, envelope))
+        )
     if verdict.retry_in_s is not None:
         _retry_later(delivery, verdict.retry_in_s)
 

@@ -11,6 +11,7 @@ default) the same functions apply whole batches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,13 +21,12 @@ from celery import Task
 from celery.exceptions import Reject
 from sqlalchemy.orm import Session
 
+from orchestrator import registry
 from orchestrator.messaging.celery_app import app
 from orchestrator.messaging.envelopes import (
     Command,
     CommandPayload,
     PoisonMessage,
-    ReplyPayload,
-    make_reply,
     parse_command,
 )
 from orchestrator.messaging.topology import queue_for_task
@@ -38,7 +38,7 @@ from workers.applying import (
     Prepare,
     Result,
     apply_alone,
-    reply_headers,
+    send_reply,
 )
 
 __all__ = ["Result", "participant", "run", "send_reply"]
@@ -46,11 +46,6 @@ __all__ = ["Result", "participant", "run", "send_reply"]
 log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=CommandPayload)
-
-
-def send_reply(command: Command, attempt: int, payload: ReplyPayload) -> None:
-    envelope = make_reply(command, attempt, payload)
-    app.send_task("saga.reply", args=[envelope], headers=reply_headers(command, envelope))
 
 
 def run(task: Task, envelope: Any) -> str:
@@ -97,7 +92,9 @@ def participant(
 
     def register(fn: Callable[[Session, Command, P], Result]) -> Task:
         PARTICIPANTS[name] = Participant(name, fn, prepare)
-        batching.wire(queue_for_task(name))
+        # A command not in this process's registry: no worker of this process consumes it.
+        with contextlib.suppress(registry.UnknownName):
+            batching.wire(queue_for_task(name))
 
         def task_body(self: Task, envelope: Any) -> str:
             return run(self, envelope)
