@@ -22,15 +22,19 @@ import logging
 import time
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from orchestrator.messaging import batches
 from orchestrator.messaging.celery_app import app
 from orchestrator.messaging.envelopes import PoisonMessage, make_reply, parse_command
-from workers import limits
+from orchestrator.ops.config import settings
+from workers import faults, limits
 from workers.applying import (
     Incoming,
     Verdict,
     apply_alone,
     apply_batch,
+    failed,
     has_fault,
     reply_headers,
     send_reply,
@@ -66,8 +70,55 @@ def handle(deliveries: list[batches.Delivery]) -> batches.Outcome:
     for delivery, verdict in together:
         _settle(outcome, delivery, verdict, now=bool(faulted))
     for delivery, incoming in faulted:
-        _settle(outcome, delivery, _alone(incoming))
+        if not _held(delivery, incoming):
+            _settle(outcome, delivery, _after_hang(delivery, incoming))
     return outcome
+
+
+# A copy of a command whose injected hang was served by the broker's delay, and how it ended.
+HANG_HEADER = "saga_hang"
+
+
+def _held(delivery: batches.Delivery, incoming: Incoming) -> bool:
+    """An injected ``hang`` of a second or more is served by the broker, not by a sleep here
+    (which would hold every message this consumer has prefetched, and so other sagas): the
+    message is acked with no reply, and a copy comes back after the hang, or after the time
+    limit that would have ended it, as Celery's limits end a sleeping task."""
+    if delivery.headers.get(HANG_HEADER):
+        return False
+    command = incoming.command
+    hang = faults.hang_of(command.typed_payload().fault, incoming.attempt, incoming.redelivered)
+    if hang is None or hang < 1.0:
+        return False
+    cfg = settings()
+    soft, hard = cfg.task_soft_time_limit_s, cfg.task_time_limit_s
+    if soft and hang >= soft:
+        delay, end = soft, "soft"
+    elif hang >= hard:
+        delay, end = hard, "hard"
+    else:
+        delay, end = hang, "served"
+    with incoming.context():
+        faults.fired(command.typed_payload().fault or "", command, incoming.attempt)
+    _send_again(delivery, delay, retries=incoming.retries, extra={HANG_HEADER: end})
+    return True
+
+
+def _after_hang(delivery: batches.Delivery, incoming: Incoming) -> Verdict:
+    """A command alone; the copy of a held one goes on as its attempt would have after the hang:
+    past the soft limit a transient error, past the hard limit (the process killed) redelivered."""
+    end = delivery.headers.get(HANG_HEADER)
+    if end:
+        incoming = dataclasses.replace(incoming, redelivered=True)  # the hang is over
+    with incoming.context():
+        if end == "soft":
+            limit = settings().task_soft_time_limit_s
+            log.warning("Soft time limit (%ss) exceeded for %s", limit, incoming.what)
+            return failed(incoming, SoftTimeLimitExceeded(f"soft time limit ({limit}s) exceeded"))
+        if end == "hard":
+            limit = settings().task_time_limit_s
+            log.error("Hard time limit (%ss) exceeded for %s", limit, incoming.what)
+    return _alone(incoming)
 
 
 def _read(delivery: batches.Delivery) -> Incoming:
@@ -124,12 +175,15 @@ def _settle(
             dataclasses.replace(reply, headers=reply_headers(incoming.command, envelope))
         )
     if verdict.retry_in_s is not None:
-        _retry_later(delivery, verdict.retry_in_s)
+        # What task.retry(countdown=...) sends: the same task message, one retry more.
+        _send_again(delivery, verdict.retry_in_s, retries=incoming.retries + 1)
 
 
-def _retry_later(delivery: batches.Delivery, delay: float) -> None:
-    """What ``task.retry(countdown=delay)`` sends: the same task message, one retry more, delayed
-    by the broker; a wait under a second (which its routing keys cannot express) is slept here."""
+def _send_again(
+    delivery: batches.Delivery, delay: float, retries: int, extra: dict[str, str] | None = None
+) -> None:
+    """The delivered task message again, delayed by the broker; a wait under a second (which its
+    routing keys cannot express) is slept here. Sent before the original is acked."""
     countdown: float | None = delay
     if delay < 1.0:
         time.sleep(delay)
@@ -140,8 +194,11 @@ def _retry_later(delivery: batches.Delivery, delay: float) -> None:
         args=delivery.args,
         kwargs=delivery.kwargs,
         task_id=delivery.task_id or None,
-        retries=int(delivery.headers.get("retries") or 0) + 1,
-        headers={k: v for k, v in delivery.headers.items() if k in _TRACE_HEADERS},
+        retries=retries,
+        headers={
+            **{k: v for k, v in delivery.headers.items() if k in _TRACE_HEADERS},
+            **(extra or {}),
+        },
         argsrepr=delivery.headers.get("argsrepr"),  # masked by its first publisher
         **options,
     )

@@ -31,7 +31,7 @@ def enabled(fault: str | None) -> bool:
     return bool(fault) and settings().fault_injection
 
 
-def _fired(fault: str, command: Command, attempt: int) -> None:
+def fired(fault: str, command: Command, attempt: int) -> None:
     """Say that the fault struck, before it does (a crash leaves no other trace of itself)."""
     log.warning(fault_fired_line(fault, command.type, command.saga_id, attempt))
     for handler in logging.getLogger().handlers:
@@ -48,21 +48,31 @@ def before_work(fault: str | None, command: Command, attempt: int, redelivered: 
     if not match:
         return
     if fault == "always":
-        _fired(fault, command, attempt)
+        fired(fault, command, attempt)
         raise TransientError("injected fault: always")
     if fault == "fail":
-        _fired(fault, command, attempt)
+        fired(fault, command, attempt)
         raise InjectedRefusal("injected fault: fail")
     if match.group("n") and attempt <= int(match.group("n")):
-        _fired(fault, command, attempt)
+        fired(fault, command, attempt)
         raise TransientError(f"injected fault: {fault} (attempt {attempt})")
-    if match.group("s") and attempt == 1 and not redelivered:
-        _fired(fault, command, attempt)
-        limits.sleep(float(match.group("s")))  # a batch consumer keeps the soft limit
+    hang = hang_of(fault, attempt, redelivered)
+    if hang is not None:
+        fired(fault, command, attempt)
+        limits.sleep(hang)  # a batch consumer keeps the soft limit
+
+
+def hang_of(fault: str | None, attempt: int, redelivered: bool) -> float | None:
+    """The seconds an injected ``hang`` holds this attempt, if one strikes it (the first
+    delivery of attempt 1)."""
+    match = FAULT.fullmatch(fault or "") if enabled(fault) else None
+    if match and match.group("s") and attempt == 1 and not redelivered:
+        return float(match.group("s"))
+    return None
 
 
 def after_work(fault: str | None, command: Command, attempt: int, applied_now: bool) -> None:
     """``crash``: die right after the first attempt committed its effect, before the reply."""
     if enabled(fault) and fault == "crash" and applied_now:
-        _fired("crash", command, attempt)
+        fired("crash", command, attempt)
         os.kill(os.getpid(), signal.SIGKILL)
