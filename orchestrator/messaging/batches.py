@@ -418,11 +418,16 @@ class _BatchStep(bootsteps.StartStopStep):
         for spec in _specs:
             if spec.queue in queues.consume_from:
                 spec.active = True
-                queues.deselect(spec.queue)  # an empty selection consumes nothing (not all)
         # prefork: each pool process starts its own consumer (worker_process_init, below).
         self.in_process = any(s.active for s in _specs) and not _is_prefork(worker)
 
     def start(self, worker: Any) -> None:
+        # Here, not in __init__: the banner (printed before the steps start) still lists the
+        # worker's queues, and Celery's consumer (the last step to start) no longer takes them.
+        queues = worker.app.amqp.queues
+        for spec in _specs:
+            if spec.active and spec.queue in queues.consume_from:
+                queues.deselect(spec.queue)  # an empty selection consumes nothing (not all)
         if self.in_process:
             _start_here(int(worker.concurrency or 1))
 
