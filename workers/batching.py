@@ -164,9 +164,10 @@ def _settle(
     incoming = verdict.incoming
     if verdict.error is not None:
         outcome.rejected.append((delivery, f"{type(verdict.error).__name__}: {verdict.error}"))
+        outcome.states[id(delivery)] = "FAILURE"  # as Celery counts a task that raised
         return
     assert verdict.reply is not None
-    if now:
+    if now or verdict.retry_in_s is not None:  # a retry's reply goes out before the retry
         send_reply(incoming.command, incoming.attempt, verdict.reply)
     else:
         envelope = make_reply(incoming.command, incoming.attempt, verdict.reply)
@@ -175,6 +176,7 @@ def _settle(
             dataclasses.replace(reply, headers=reply_headers(incoming.command, envelope))
         )
     if verdict.retry_in_s is not None:
+        outcome.states[id(delivery)] = "RETRY"
         # What task.retry(countdown=...) sends: the same task message, one retry more.
         _send_again(delivery, verdict.retry_in_s, retries=incoming.retries + 1)
 

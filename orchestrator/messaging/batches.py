@@ -105,6 +105,9 @@ class Outcome:
     publish: list[Any] = field(default_factory=list)
     rejected: list[tuple[Delivery, str]] = field(default_factory=list)
     after_publish: Callable[[], None] | None = None
+    # A delivery's end as Celery would name it for the task metrics (id(delivery) -> "RETRY",
+    # "FAILURE", ...); unnamed: "SUCCESS" when acked, "REJECTED" when rejected.
+    states: dict[int, str] = field(default_factory=dict)
 
 
 Handler = Callable[[list[Delivery]], Outcome]
@@ -275,7 +278,7 @@ class BatchConsumer:
             failpoints.hit(f"{self.name}.after_publish", batch=size)
         if outcome.after_publish is not None:
             outcome.after_publish()
-        self._settle(batch, rejected, ack=True)
+        self._settle(batch, rejected, ack=True, states=outcome.states)
 
     def _handle(self, batch: list[Delivery], stop: threading.Event) -> Outcome | None:
         """The handler's outcome, after reruns; None when this batch was settled here."""
@@ -327,18 +330,26 @@ class BatchConsumer:
                 self._conn.heartbeat_check()
         return stop.is_set()
 
-    def _settle(self, batch: list[Delivery], rejected: dict[int, str], *, ack: bool) -> None:
+    def _settle(
+        self,
+        batch: list[Delivery],
+        rejected: dict[int, str],
+        *,
+        ack: bool,
+        states: dict[int, str] | None = None,
+    ) -> None:
         """Reject (dead-letter) the named ones first, then ack, or requeue, the others."""
+        states = states or {}
         for d in batch:
             if id(d) in rejected:
                 d.message.reject(requeue=False)
-                process_metrics.task_finished(d.task_id, d.task, "REJECTED")
+                process_metrics.task_finished(d.task_id, d.task, states.get(id(d), "REJECTED"))
         for d in batch:
             if id(d) in rejected:
                 continue
             if ack:
                 d.message.ack()
-                process_metrics.task_finished(d.task_id, d.task, "SUCCESS")
+                process_metrics.task_finished(d.task_id, d.task, states.get(id(d), "SUCCESS"))
             else:
                 d.message.requeue()
                 process_metrics.task_finished(d.task_id, d.task, "RETRY")
