@@ -12,8 +12,9 @@ its entry, before it does any work: the ``sagactl`` commands (orchestrator/ops/c
    orchestrator/messaging/fastpath.py);
 4. Celery's signal handlers: logging, metrics, fork safety (orchestrator/messaging/worker_signals.py).
 
-``worker_app(name)`` also loads a worker's tasks (its module, from the registry) and, for the
-orchestrator, adds its consumer steps. Calling either again is harmless: the settings are
+``worker_app(name)`` also loads a worker's tasks (its module, from the registry) and its batch
+consumer (orchestrator/messaging/batches.py: the orchestrator's replies, or the service's
+commands, workers/batching.py); for the orchestrator, the dead-letter intake too. Calling either again is harmless: the settings are
 re-read (a test that switched sandboxes), nothing is attached twice.
 """
 
@@ -44,7 +45,7 @@ def worker_app(name: str) -> Celery:
     from orchestrator.ops.processes import workers
 
     app = bootstrap()
-    module, _ = workers()[name]
+    module, queue = workers()[name]
     importlib.import_module(module)
     if name == registry.ORCHESTRATOR:
         from orchestrator.kernel.tasks import on_batch
@@ -55,4 +56,8 @@ def worker_app(name: str) -> Celery:
         batches.consume_in_batches(
             app, registry.ORCHESTRATOR_QUEUE, on_batch, name="orchestrator", source="fast_path"
         )
+    else:
+        from workers import batching  # a participant service: its commands in batches
+
+        batching.wire(queue)
     return app

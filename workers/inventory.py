@@ -2,7 +2,8 @@
 a returned order's sold stock back into ``available``.
 
 Run: ``sagactl worker inventory``. The reservation row, keyed by saga id, is both the effect's
-record and its idempotency key.
+record and its idempotency key. Every command may move stock, so each transaction locks its
+products first (``stock.lock_for``).
 """
 
 import sqlalchemy as sa
@@ -26,7 +27,7 @@ def _as_result(row: Reservation) -> Result:
     return Result(False, "fenced: released before this reserve arrived")
 
 
-@participant("inventory.reserve")
+@participant("inventory.reserve", prepare=stock.lock_for)
 def reserve(session: Session, command: Command, payload: ReservePayload) -> Result:
     lines = [line.model_dump() for line in payload.items]
     if not records.claim(
@@ -34,8 +35,7 @@ def reserve(session: Session, command: Command, payload: ReservePayload) -> Resu
     ):
         return _as_result(records.locked(session, Reservation, command))
     try:
-        with session.begin_nested():
-            stock.reserve(session, lines)
+        stock.reserve(session, lines)  # every line or none
     except stock.Shortage:
         session.execute(
             sa.update(Reservation)
@@ -46,7 +46,7 @@ def reserve(session: Session, command: Command, payload: ReservePayload) -> Resu
     return Result(True, applied_now=True)
 
 
-@participant("inventory.release")
+@participant("inventory.release", prepare=stock.lock_for)
 def release(session: Session, command: Command, payload: OrderPayload) -> Result:
     """release_if_reserved: gives back reserved (or sold) stock; fences a reserve not yet seen."""
     if records.claim(session, Reservation, command, status=ReservationStatus.VOIDED, lines=[]):
@@ -63,7 +63,7 @@ def release(session: Session, command: Command, payload: OrderPayload) -> Result
     return Result(True, applied_now=True)
 
 
-@participant("inventory.return_stock")
+@participant("inventory.return_stock", prepare=stock.lock_for)
 def return_stock(session: Session, command: Command, payload: OrderPayload) -> Result:
     """A returned order's sold stock becomes available again (not a restock: no total changes)."""
     row = session.scalars(

@@ -25,7 +25,7 @@ def _order(session: Session, payload: OrderPayload) -> Order:
     return order
 
 
-@participant("orders.confirm")
+@participant("orders.confirm", prepare=stock.lock_for)
 def confirm(session: Session, command: Command, payload: OrderPayload) -> Result:
     order = _order(session, payload)
     if order.status is OrderStatus.CONFIRMED:

@@ -1,45 +1,156 @@
-"""Moves of stock between available, reserved and sold, one product row at a time.
+"""Moves of stock between available, reserved and sold: each product read and written once per
+transaction, however many commands of a batch move it.
 
-Rows are touched in SKU order so two transactions never wait on each other in a cycle.
+A transaction first locks every product its commands may touch (``lock_for``), in SKU order, so
+two transactions never wait on each other in a cycle. The moves are then made on those locked
+numbers in memory, one command after the other (so out-of-stock refusals are decided per saga, in
+delivery order), and written back with one UPDATE per changed product just before the commit: a
+scarce product that many reservations race for costs one row lock and one write per batch, not a
+queue of transactions waiting on its row.
 """
 
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from models.catalog import Product
+from models.participants import Reservation
+from orchestrator.messaging.envelopes import Command
+
+BUCKETS = ("available", "reserved", "sold")
+_KEY = "stock_ledger"  # where a session keeps its ledger (Session.info)
 
 
 class Shortage(Exception):
-    """Not enough available stock for a line."""
+    """Not enough available stock for a line (or no such product)."""
 
 
-def _sorted(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(lines, key=lambda line: line["sku"])
+@dataclass
+class _Level:
+    available: int
+    reserved: int
+    sold: int
+
+
+class Ledger:
+    """The locked stock levels of one transaction, and the moves made on them."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.levels: dict[str, _Level | None] = {}  # None: no such product
+        self.changed: set[str] = set()
+
+    def lock(self, skus: Iterable[str]) -> None:
+        """Lock the products not locked yet, in SKU order, and read their levels."""
+        wanted = sorted(set(skus) - self.levels.keys())
+        if not wanted:
+            return
+        rows = self.session.execute(
+            sa.select(Product.sku, Product.available, Product.reserved, Product.sold)
+            .where(Product.sku.in_(wanted))
+            .order_by(Product.sku)
+            .with_for_update()
+        )
+        found = {sku: _Level(available, reserved, sold) for sku, available, reserved, sold in rows}
+        for sku in wanted:
+            self.levels[sku] = found.get(sku)
+
+    def reserve(self, lines: list[dict[str, Any]]) -> None:
+        """available -> reserved for every line, or raise Shortage and move nothing."""
+        needed = _quantities(lines)
+        self.lock(needed)
+        for sku, qty in sorted(needed.items()):
+            level = self.levels[sku]
+            if level is None or level.available < qty:
+                raise Shortage(sku)
+        self.move(lines, "available", "reserved")
+
+    def move(self, lines: list[dict[str, Any]], source: str, target: str) -> None:
+        """Move each line's quantity from one bucket to another (release, sell, give back). A move
+        that would leave a bucket negative is refused by the table's checks at the write."""
+        assert source in BUCKETS and target in BUCKETS
+        quantities = _quantities(lines)
+        self.lock(quantities)
+        for sku, qty in quantities.items():
+            level = self.levels[sku]
+            if level is None:
+                raise LookupError(f"product {sku} does not exist")
+            setattr(level, source, getattr(level, source) - qty)
+            setattr(level, target, getattr(level, target) + qty)
+            self.changed.add(sku)
+
+    def write(self) -> None:
+        """One UPDATE per changed product (rows locked since ``lock``: plain values are safe)."""
+        if not self.changed:
+            return
+        rows = []
+        for sku in sorted(self.changed):
+            level = self.levels[sku]
+            assert level is not None
+            rows.append(
+                {
+                    "sku": sku,
+                    "available": level.available,
+                    "reserved": level.reserved,
+                    "sold": level.sold,
+                }
+            )
+        self.changed.clear()
+        # The ORM's bulk UPDATE by primary key: one statement, executed for every row.
+        self.session.execute(sa.update(Product), rows)
+
+
+def _quantities(lines: list[dict[str, Any]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for line in lines:
+        total[line["sku"]] = total.get(line["sku"], 0) + int(line["quantity"])
+    return total
+
+
+def ledger(session: Session) -> Ledger:
+    """The session's ledger; the first use arranges for its moves to be written before commit."""
+    found: Ledger | None = session.info.get(_KEY)
+    if found is None:
+        found = session.info[_KEY] = Ledger(session)
+        # The write belongs to the commit of whatever transaction made the moves (one command or
+        # a batch), so no caller can forget it.
+        event.listen(session, "before_commit", lambda _: found.write() if found else None)
+    return found
 
 
 def reserve(session: Session, lines: list[dict[str, Any]]) -> None:
-    """available -> reserved for every line, or raise Shortage (the caller rolls back)."""
-    for line in _sorted(lines):
-        qty = line["quantity"]
-        moved = session.execute(
-            sa.update(Product)
-            .where(Product.sku == line["sku"], Product.available >= qty)
-            .values(available=Product.available - qty, reserved=Product.reserved + qty)
-        )
-        if moved.rowcount != 1:  # type: ignore[attr-defined]
-            raise Shortage(line["sku"])
+    ledger(session).reserve(lines)
 
 
 def move(session: Session, lines: list[dict[str, Any]], source: str, target: str) -> None:
-    """Move each line's quantity from one bucket to another (release, sell, give back)."""
-    for line in _sorted(lines):
-        qty = line["quantity"]
-        session.execute(
-            sa.update(Product)
-            .where(Product.sku == line["sku"])
-            .values(
-                {source: getattr(Product, source) - qty, target: getattr(Product, target) + qty}
-            )
+    ledger(session).move(lines, source, target)
+
+
+def lock_for(session: Session, commands: list[Command]) -> None:
+    """Before a transaction's first row lock: lock every product its commands may move, the
+    lines of reserves and those of the reservations of their sagas and orders."""
+    skus: set[str] = set()
+    sagas: set[uuid.UUID] = set()
+    orders: set[uuid.UUID] = set()
+    for command in commands:
+        skus.update(item["sku"] for item in command.payload.get("items") or [])
+        sagas.add(command.saga_id)
+        key = command.typed_payload().business_key
+        with contextlib.suppress(ValueError, TypeError):  # a saga whose key is not an order id
+            orders.add(uuid.UUID(str(key)))
+    rows = session.scalars(
+        sa.select(Reservation.lines).where(
+            sa.or_(Reservation.saga_id.in_(sagas), Reservation.order_id.in_(orders))
         )
+    )
+    for lines in rows:
+        skus.update(line["sku"] for line in lines)
+    ledger(session).lock(skus)

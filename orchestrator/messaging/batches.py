@@ -109,6 +109,9 @@ class Outcome:
     publish: list[Any] = field(default_factory=list)
     rejected: list[tuple[Delivery, str]] = field(default_factory=list)
     after_publish: Callable[[], None] | None = None
+    # A delivery's end as Celery would name it for the task metrics (id(delivery) -> "RETRY",
+    # "FAILURE", ...); unnamed: "SUCCESS" when acked, "REJECTED" when rejected.
+    states: dict[int, str] = field(default_factory=dict)
 
 
 Handler = Callable[[list[Delivery]], Outcome]
@@ -281,7 +284,7 @@ class BatchConsumer:
             failpoints.hit(f"{self.name}.after_publish", batch=size)
         if outcome.after_publish is not None:
             outcome.after_publish()
-        self._settle(batch, rejected, ack=True)
+        self._settle(batch, rejected, ack=True, states=outcome.states)
 
     def _handle(self, batch: list[Delivery], stop: threading.Event) -> Outcome | None:
         """The handler's outcome, after reruns; None when this batch was settled here."""
@@ -333,18 +336,26 @@ class BatchConsumer:
                 self._conn.heartbeat_check()
         return stop.is_set()
 
-    def _settle(self, batch: list[Delivery], rejected: dict[int, str], *, ack: bool) -> None:
+    def _settle(
+        self,
+        batch: list[Delivery],
+        rejected: dict[int, str],
+        *,
+        ack: bool,
+        states: dict[int, str] | None = None,
+    ) -> None:
         """Reject (dead-letter) the named ones first, then ack, or requeue, the others."""
+        states = states or {}
         for d in batch:
             if id(d) in rejected:
                 d.message.reject(requeue=False)
-                process_metrics.task_finished(d.task_id, d.task, "REJECTED")
+                process_metrics.task_finished(d.task_id, d.task, states.get(id(d), "REJECTED"))
         for d in batch:
             if id(d) in rejected:
                 continue
             if ack:
                 d.message.ack()
-                process_metrics.task_finished(d.task_id, d.task, "SUCCESS")
+                process_metrics.task_finished(d.task_id, d.task, states.get(id(d), "SUCCESS"))
             else:
                 d.message.requeue()
                 process_metrics.task_finished(d.task_id, d.task, "RETRY")
@@ -435,11 +446,16 @@ class _BatchStep(bootsteps.StartStopStep):
         for spec in _specs:
             if spec.queue in queues.consume_from:
                 spec.active = True
-                queues.deselect(spec.queue)  # an empty selection consumes nothing (not all)
         # prefork: each pool process starts its own consumer (worker_process_init, below).
         self.in_process = any(s.active for s in _specs) and not _is_prefork(worker)
 
     def start(self, worker: Any) -> None:
+        # Here, not in __init__: the banner (printed before the steps start) still lists the
+        # worker's queues, and Celery's consumer (the last step to start) no longer takes them.
+        queues = worker.app.amqp.queues
+        for spec in _specs:
+            if spec.active and spec.queue in queues.consume_from:
+                queues.deselect(spec.queue)  # an empty selection consumes nothing (not all)
         if self.in_process:
             _start_here(int(worker.concurrency or 1))
 

@@ -21,6 +21,10 @@ NAMES = (
     "orchestrator.after_publish",  # published, not yet marked sent: the relay sends it again
     "orchestrator.before_commit",  # a batch of replies applied, not committed: all redelivered
 )
+# Each participant service's batch consumer has three more, named by its queue (not drawn by
+# chaos): "<queue>.mid_batch" (half its batch applied, nothing committed: workers/applying.py),
+# "<queue>.before_publish" (committed, no reply sent), "<queue>.after_publish" (replies sent,
+# nothing acked), the last two in orchestrator/messaging/batches.py.
 
 
 def hit(name: str, batch: int = 1) -> None:

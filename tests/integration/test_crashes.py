@@ -32,9 +32,10 @@ from tests.integration.helpers import (
 FAST_PATH_WRITERS = ("web", "orchestrator")
 
 
-def arm(point: str) -> Path:
+def arm(point: str, in_batch_of: int | None = None) -> Path:
+    """Arm a fail point; ``in_batch_of``: it fires only in a batch of at least that many."""
     marker = Path(os.environ["SAGA_FAILPOINTS_DIR"]) / point
-    marker.touch()
+    marker.write_text(f"batch>={in_batch_of}" if in_batch_of else "", encoding="utf-8")
     return marker
 
 

@@ -23,15 +23,9 @@ from orchestrator.proof.client import Api
 from orchestrator.proof.harness import Processes
 from tests.integration.helpers import make_product, order_body, place, product
 from tests.integration.test_admin_flow import beat_paused
-from tests.integration.test_crashes import charged, effects, unsent, wait_until
+from tests.integration.test_crashes import arm, charged, effects, unsent, wait_until
 
 SAGAS = 10
-
-
-def arm_in_batch(point: str, at_least: int) -> Path:
-    marker = Path(os.environ["SAGA_FAILPOINTS_DIR"]) / point
-    marker.write_text(f"batch>={at_least}", encoding="utf-8")
-    return marker
 
 
 def fired(point: str) -> list[str]:
@@ -67,7 +61,7 @@ def test_the_orchestrator_killed_in_a_batch_of_replies_loses_and_repeats_nothing
         saga_ids = [p["saga_id"] for p in placed]
         wait_until(lambda: reserved(saga_ids) == SAGAS, what="every reservation made and replied")
         before = len(fired(point))
-        marker = arm_in_batch(point, at_least=2)
+        marker = arm(point, in_batch_of=2)
         system.start("orchestrator")
         wait_until(lambda: not marker.exists(), what=f"{point} to fire in a batch of two or more")
         assert len(fired(point)) == before + 1
