@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.ops.config import settings
+from orchestrator.proof import batch_sizes
 from orchestrator.proof.bench.load import (
     make_products,
     run_raw,
@@ -50,6 +51,9 @@ STATS_FLUSH_S = 11.0
 DEFAULTED_ENV = ("SAGA_FAULT_INJECTION", "SAGA_RETRY_ATTEMPTS", "SAGA_RETRY_BASE_S",
                  "SAGA_RETRY_MAX_S", "SAGA_COMPENSATION_ATTEMPTS", "SAGA_STEP_TIMEOUT_S",
                  "SAGA_DEADLINE_S", "SAGA_SWEEP_S")
+
+
+NOT_MEASURED = "a running system's metrics endpoints are not known to the bench"
 
 
 def _stderr(line: str) -> None:
@@ -122,11 +126,14 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
     pub0 = management_publishes(target.broker_url)
     load_saga = _load()
     cpu = CpuMeter(target.pids, db)
+    batches0 = batch_sizes.scrape(target.metrics)
     cpu.start()
     with profiling(opts, target.pids, say):
         phase = run_sagas(opts, opts.n, db, place, say)
     saga_end = time.time()
     saga_cpu = cpu.stop()
+    batches = (batch_sizes.summary(batch_sizes.delta(batch_sizes.scrape(target.metrics), batches0))
+               if target.metrics else None)
     own_run = db.own - own0
     raw_fig: dict[str, Any] | None = None
     if baseline is not None:
@@ -185,6 +192,11 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
                     "background_per_s": round(background_per_s, 2), "bench_own": own_run,
                     "net": round(net, 1), "window_s": round(t1 - t0, 1)},
         "rows_per_saga": rows,
+        # {process: {queue: {batches, messages, mean, p50, p99}}} over the saga phase;
+        # {}: nothing was batched; None: not measured (a running system's endpoints unknown).
+        "batch_sizes": batches,
+        "batch_sizes_note": (NOT_MEASURED if batches is None
+                             else None if batches else batch_sizes.NOTHING_BATCHED),
         "cpu_ms_per_saga": round(sum(saga_cpu.values()) * 1000 / n_done, 2),
         "cpu_scope": ("the bench, PostgreSQL and RabbitMQ only (a running system's processes are "
                       "not known to the bench)") if opts.url else "every process of the sandbox",
@@ -246,6 +258,7 @@ def render(report: dict[str, Any]) -> str:
     for hop, figures in saga["hops_ms"].items():
         lines.append(f"per command, {hop.replace('_', ' ')}: p50 {figures.get('p50_ms')} ms, "
                      f"p99 {figures.get('p99_ms')} ms")
+    lines.extend(batch_sizes.lines(report["batch_sizes"], NOT_MEASURED))
     lines.append("rows written per saga: " + ", ".join(
         f"{k} {v}" for k, v in report["rows_per_saga"].items()))
     lines.append(f"CPU per saga: {report['cpu_ms_per_saga']} ms ({report['cpu_scope']}); "

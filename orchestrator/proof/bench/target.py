@@ -11,7 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class Target:
     pids: dict[str, int]
     log_dir: Path
     sandbox: str | None = None  # the database and vhost name, when the bench made them
+    # Each process's metrics endpoint (the batch sizes are read there); {}: not known.
+    metrics: dict[str, str] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -46,13 +48,16 @@ def sandboxed(log_dir: Path, say: Say) -> Iterator[Target]:
 
     say("creating a sandbox (database, vhost, migrations)…")
     box = Sandbox.create("sagabench")
-    procs = Processes(box, log_dir)
+    # Every process but the web serves its metrics (as `sagactl run` does with
+    # SAGA_METRICS_PORT set): the batch sizes are read there.
+    procs = Processes(box, log_dir, metrics=True)
     try:
         use_sandbox(box)
         say(f"starting the processes (logs in {log_dir})…")
         procs.start_all()
         yield Target(procs.url, box.database_url, box.broker_url,
-                     {name: r.proc.pid for name, r in procs.running.items()}, log_dir, box.name)
+                     {name: r.proc.pid for name, r in procs.running.items()}, log_dir, box.name,
+                     metrics_endpoints(procs))
     finally:
         say("stopping the processes and removing the sandbox…")
         procs.stop_all()
@@ -60,6 +65,12 @@ def sandboxed(log_dir: Path, say: Say) -> Iterator[Target]:
 
         get_engine().dispose()
         box.destroy()
+
+
+def metrics_endpoints(procs: Any) -> dict[str, str]:
+    """``{process: url}`` of every harness process that serves its metrics."""
+    return {name: f"http://127.0.0.1:{r.metrics_port}/metrics"
+            for name, r in procs.running.items() if r.metrics_port}
 
 
 @contextlib.contextmanager
