@@ -234,8 +234,8 @@ def _load_registry() -> None:
 @main.command()
 @click.argument("name", type=WorkerName())
 @click.option("--concurrency", type=int, default=None, help="default: $SAGA_WORKER_CONCURRENCY")
-@click.option("--pool", default="prefork", show_default=True)
-def worker(name: str, concurrency: int | None, pool: str) -> None:
+@click.option("--pool", default=None, help="default: prefork (processes.WORKER_POOL)")
+def worker(name: str, concurrency: int | None, pool: str | None) -> None:
     """A Celery worker consuming exactly its service's queue (orchestrator, or a service)."""
     from orchestrator.ops.processes import celery_worker_argv
 

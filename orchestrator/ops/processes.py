@@ -99,21 +99,25 @@ def worker_node_name(name: str, template: str = "") -> str:
     return (template or DEFAULT_WORKER_NODE).format(name=name, pid=os.getpid())
 
 
-def celery_worker_argv(
-    name: str, concurrency: int, pool: str = "prefork", node: str = ""
-) -> list[str]:
-    module, queue = workers()[name]
+# The pool every Celery worker runs (``sagactl worker --pool`` overrides it); the bench's raw
+# baseline starts its workers with the same one.
+WORKER_POOL = "prefork"
+
+
+def celery_argv(app_module: str, queue: str, node: str, concurrency: int, pool: str) -> list[str]:
+    """A Celery worker of ``app_module`` consuming ``queue``: the one command line of every
+    worker, the saga's and the raw baseline's alike (same pool, concurrency and flags)."""
     return [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        module,
+        app_module,
         "worker",
         "-Q",
         queue,
         "-n",
-        worker_node_name(name, node),
+        node,
         "--concurrency",
         str(concurrency),
         "--pool",
@@ -123,6 +127,15 @@ def celery_worker_argv(
         "--loglevel",
         "INFO",
     ]
+
+
+def celery_worker_argv(
+    name: str, concurrency: int, pool: str | None = None, node: str = ""
+) -> list[str]:
+    module, queue = workers()[name]
+    return celery_argv(
+        module, queue, worker_node_name(name, node), concurrency, pool or WORKER_POOL
+    )
 
 
 def gunicorn_argv(host: str, port: int, workers: int, threads: int) -> list[str]:

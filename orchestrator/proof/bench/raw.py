@@ -18,7 +18,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from celery import Celery, chain
 from kombu import Connection, Exchange, Queue
 
 from orchestrator.messaging.topology import service_queues
+from orchestrator.ops import processes
 from orchestrator.ops.config import settings
 
 TASKS = ("bench.reserve", "bench.charge", "bench.confirm")
@@ -141,11 +141,12 @@ def floor_reply(self: Any, chain_id: str, step: str) -> None:
 # ---------------------------------------------------------------- the bench's side
 
 
-def worker_argv(task: str, concurrency: int, pool: str = "prefork") -> list[str]:
-    """The saga workers' command line (orchestrator.ops.processes.celery_worker_argv), for this app."""
-    return [sys.executable, "-m", "celery", "-A", "orchestrator.proof.bench.raw", "worker",
-            "-Q", queue_name(task), "-n", f"raw-{task}@%h", "--concurrency", str(concurrency),
-            "--pool", pool, "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+def worker_argv(task: str, concurrency: int | None = None) -> list[str]:
+    """The saga workers' command line (orchestrator.ops.processes.celery_argv) for this app: the
+    same pool and, by default, the same concurrency (SAGA_WORKER_CONCURRENCY)."""
+    return processes.celery_argv(
+        "orchestrator.proof.bench.raw", queue_name(task), f"raw-{task}@%h",
+        concurrency or settings().worker_concurrency, processes.WORKER_POOL)
 
 
 @dataclass
