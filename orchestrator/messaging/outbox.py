@@ -26,6 +26,7 @@ import amqp
 import psycopg
 import sqlalchemy as sa
 from kombu.serialization import dumps
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from models.outbox import OutboxMessage
@@ -54,25 +55,33 @@ class _Row:
     envelope: dict[str, Any]
 
 
-def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
-    """Add a command to the outbox in the caller's transaction."""
-    row = _Row(
+def new_row(task: str, envelope: dict[str, Any]) -> _Row:
+    """The outbox row of a command (its columns, but the saga id: ``columns``)."""
+    return _Row(
         message_id=uuid.uuid4(),
         task=task,
         queue=queue_for_task(task),
         headers=trace_headers(envelope),
         envelope=envelope,
     )
-    session.execute(
-        sa.insert(_TABLE).values(**vars(row), saga_id=uuid.UUID(str(envelope["saga_id"])))
-    )
+
+
+def columns(row: _Row) -> dict[str, Any]:
+    """What an INSERT of ``row`` writes."""
+    return {**vars(row), "saga_id": uuid.UUID(str(row.envelope["saga_id"]))}
+
+
+def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
+    """Add a command to the outbox in the caller's transaction."""
+    row = new_row(task, envelope)
+    session.execute(sa.insert(_TABLE).values(**columns(row)))
     if fastpath.enabled():
         session.info.setdefault(fastpath.PENDING_KEY, []).append(row)
     else:
         session.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
 
 
-def backlog(session: Session, limit: int) -> int:
+def backlog(session: Session | Connection, limit: int) -> int:
     """Unsent rows, counted up to ``limit + 1`` so the check stays cheap when the backlog is huge."""
     unsent = (
         sa.select(sa.literal(1)).where(OutboxMessage.sent_at.is_(None)).limit(limit + 1).subquery()

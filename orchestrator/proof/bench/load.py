@@ -135,7 +135,10 @@ def _order_body(i: int, skus: list[str]) -> dict[str, Any]:
 
 def saga_placer(mode: str, url: str, skus: list[str]) -> Callable[[int], str]:
     if mode == "direct":
+        from orchestrator.messaging import fastpath
         from orchestrator.sagas import placing as ordering
+
+        fastpath.publish_in_background()  # as the web does: the same lean start path
 
         def place_direct(i: int) -> str:
             new = ordering.NewOrder(customer_id=f"bench-{i}", items=[(skus[i % len(skus)], 1)],
