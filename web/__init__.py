@@ -51,11 +51,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from orchestrator import registry
 
     registry.load()
-    # Many request threads, one publisher: a request answers after its commit and the process's
-    # publishing thread confirms many requests' commands at once (orchestrator/messaging/fastpath.py).
-    from orchestrator.messaging import fastpath
-
-    fastpath.publish_in_background()
 
     from web import admin, errors, ops, orders, presenters, security
 

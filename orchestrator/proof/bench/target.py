@@ -51,6 +51,7 @@ def sandboxed(log_dir: Path, say: Say) -> Iterator[Target]:
     # Every process but the web serves its metrics (as `sagactl run` does with
     # SAGA_METRICS_PORT set): the batch sizes are read there.
     procs = Processes(box, log_dir, metrics=True)
+    stop_s = 5.0
     try:
         use_sandbox(box)
         say(f"starting the processes (logs in {log_dir})…")
@@ -58,9 +59,13 @@ def sandboxed(log_dir: Path, say: Say) -> Iterator[Target]:
         yield Target(procs.url, box.database_url, box.broker_url,
                      {name: r.proc.pid for name, r in procs.running.items()}, log_dir, box.name,
                      metrics_endpoints(procs))
+        stop_s = 30.0
+    except BaseException:
+        stop_s = 5.0  # a failed run (a broker that went silent, Ctrl-C) does not wait on it
+        raise
     finally:
         say("stopping the processes and removing the sandbox…")
-        procs.stop_all()
+        procs.stop_all(timeout_s=stop_s)
         from models.db import get_engine
 
         get_engine().dispose()
