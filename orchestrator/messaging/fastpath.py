@@ -5,7 +5,11 @@ stays what guarantees delivery. Here:
 
 - ``outbox.enqueue`` leaves the rows it wrote in ``session.info``; the ``after_commit`` hook below
   publishes them with publisher confirms on this process's connection. A rolled-back transaction
-  publishes nothing.
+  publishes nothing. A writer without a Session (the web's one-statement order) calls
+  ``publish_committed`` itself and carries the marks in its statement (``take_marks``).
+- ``publish_in_background`` (the web, the bench's direct mode): the rows go to one publishing
+  thread per process that confirms every row waiting at that moment in one batch (group
+  confirm); the committing thread does not wait for the broker.
 - Marking a row sent is a write of its own. The process's next transaction carries the marks (one
   UPDATE for all waiting rows, just before its commit), so under load they cost no commit; marks
   that no transaction carried within ``MARK_EVERY_S`` get a transaction of their own.
