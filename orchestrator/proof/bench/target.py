@@ -104,12 +104,17 @@ def raw_baseline(target: Target, say: Say, kind: str = "chain") -> Iterator[Any]
     baseline = RawBaseline(_vhost_url(target.broker_url, vhost), target.log_dir,
                            settings().worker_concurrency, vhost, kind,
                            dsn.render_as_string(hide_password=False))
+    stop_s = 5.0
     try:
         say(f"starting the {kind} baseline's workers…")
         baseline.start()
         yield baseline
+        stop_s = 30.0
+    except BaseException:
+        stop_s = 5.0  # a failed run does not wait on workers that may hang on a silent broker
+        raise
     finally:
-        baseline.stop()
+        baseline.stop(timeout_s=stop_s)
         _rabbitmqctl("delete_vhost", vhost)
 
 
