@@ -78,7 +78,8 @@ _PRICES_HOLD = (
     "(SELECT count(*) FROM products p JOIN unnest(CAST(:skus AS text[]), CAST(:prices AS int[]))"
     " AS c(sku, price) ON p.sku = c.sku AND p.price_cents = c.price) = :lines"
 )
-_WAKE_RELAY = Also("SELECT pg_notify('outbox', '')", gated=True)  # outbox.CHANNEL
+# Without the fast path the relay is woken at once, as outbox.enqueue does.
+_WAKE_RELAY = Also(f"SELECT pg_notify('{outbox.CHANNEL}', '')", gated=True)
 
 
 def _catalogue_prices(conn: Any, skus: list[str], fresh: bool) -> dict[str, int]:
