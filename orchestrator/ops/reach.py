@@ -54,18 +54,21 @@ def require_broker(url: str) -> None:
         raise Unreachable("broker", broker_url_shown(url), exc) from None
 
 
-def require_publish(url: str) -> None:
+PUBLISH_TIMEOUT_S = 10.0  # a busy shared broker confirms within a second or two; a stuck one never
+
+
+def require_publish(url: str, timeout_s: float = PUBLISH_TIMEOUT_S) -> None:
     """A broker that accepts connections may still not confirm publishes (seen: a node holding
     hundreds of leftover queues timed every confirm out): one publish must be confirmed within
-    TIMEOUT_S. The message goes to the default exchange under a name no queue has: dropped."""
+    ``timeout_s``. The message goes to the default exchange under a name no queue has: dropped."""
     import time
 
     import amqp
 
     try:
-        with Connection(url, connect_timeout=TIMEOUT_S,
-                             transport_options={"confirm_publish": False}) as kconn:
-            kconn.ensure_connection(max_retries=1, interval_start=0, timeout=TIMEOUT_S)
+        with Connection(url, connect_timeout=timeout_s,
+                        transport_options={"confirm_publish": False}) as kconn:
+            kconn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout_s)
             channel = kconn.connection.channel()
             channel.confirm_select()
             answered: list[bool] = []
@@ -73,11 +76,11 @@ def require_publish(url: str) -> None:
             channel.events["basic_nack"].add(lambda *_: answered.append(False))
             channel.basic_publish(amqp.Message(b"reach probe"), exchange="",
                                   routing_key="sagactl.reach-probe", mandatory=False)
-            deadline = time.monotonic() + TIMEOUT_S
+            deadline = time.monotonic() + timeout_s
             while not answered:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"no publisher confirm within {TIMEOUT_S:.0f}s")
+                    raise TimeoutError(f"no publisher confirm within {timeout_s:.0f}s")
                 kconn.connection.drain_events(timeout=remaining)
             if not answered[0]:
                 raise RuntimeError("the broker refused a publish (nack)")
