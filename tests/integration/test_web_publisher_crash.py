@@ -23,7 +23,7 @@ def _place_surely(api: Api, body: dict[str, Any]) -> dict[str, Any]:
     for _ in range(10):
         try:
             r = api.place(body, key)
-        except requests.ConnectionError:
+        except requests.RequestException:  # reset, or cut mid-answer
             continue
         if r.status_code in (200, 202):
             return dict(r.json())
