@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import requests
 
+from orchestrator.ops import failpoints
+from orchestrator.ops.metrics_dir import alive
 from orchestrator.proof.client import Api
 from orchestrator.proof.harness import Processes
 from tests.integration.helpers import make_product, order_body, product, wait_final
@@ -38,6 +40,9 @@ def test_web_killed_around_its_publish_loses_nothing_and_duplicates_harmlessly(
     marker = arm(point)
     placed = _place_surely(api, order_body(sku, quantity=1))
     wait_until(lambda: not marker.exists(), what="the fail point to fire")
+    killed = failpoints.fired_pids(marker.parent)
+    wait_until(lambda: not any(alive(pid) for pid in killed), what="the worker to be gone")
+    api.session.close()  # its kept-alive connection may lead to the dead worker
     view = wait_final(api, placed["order_id"])
     assert (view["status"], view["saga"]["state"]) == ("confirmed", "completed")
     wait_until(lambda: unsent(placed["saga_id"]) == 0, what="every command to be marked sent")
