@@ -7,9 +7,9 @@ its entry, before it does any work: the ``sagactl`` commands (orchestrator/ops/c
 1. the saga registry (a released definition that changed stops the process here);
 2. the Celery app's settings: queues from the registry, routes, acks, confirms
    (orchestrator/messaging/celery_app.py);
-3. the session hooks: a transaction's timeline events are written just before it commits
-   (orchestrator/kernel/engine.py), its outbox rows published just after (the fast path,
-   orchestrator/messaging/fastpath.py);
+3. the session hooks: a transaction's timeline events and deferred outbox rows are written just
+   before it commits (orchestrator/kernel/engine.py, orchestrator/messaging/outbox.py), its outbox
+   rows published just after (the fast path, orchestrator/messaging/fastpath.py);
 4. Celery's signal handlers: logging, metrics, fork safety (orchestrator/messaging/worker_signals.py).
 
 ``worker_app(name)`` also loads a worker's tasks (its module, from the registry) and its batch
@@ -26,7 +26,7 @@ from celery import Celery
 
 from orchestrator import registry
 from orchestrator.kernel import engine
-from orchestrator.messaging import celery_app, fastpath, worker_signals
+from orchestrator.messaging import celery_app, fastpath, outbox, worker_signals
 from orchestrator.ops.config import settings
 
 
@@ -35,6 +35,7 @@ def bootstrap() -> Celery:
     registry.load()
     app = celery_app.configure(celery_app.app, settings())
     engine.hook_sessions()
+    outbox.hook_sessions()
     fastpath.hook_sessions()
     worker_signals.connect()
     return app

@@ -60,6 +60,15 @@ def error_response(status: int) -> bytes:
 class JsonErrorWorker(ThreadWorker):
     """gunicorn's gthread worker, answering its own errors in JSON."""
 
+    def init_process(self) -> None:
+        # Many request threads, one publisher: a request answers after its commit and this
+        # process's publishing thread confirms many requests' commands at once (group confirm,
+        # orchestrator/messaging/fastpath.py).
+        from orchestrator.messaging import fastpath
+
+        fastpath.publish_in_background()
+        super().init_process()
+
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         captured = _CapturedSocket()
         super().handle_error(req, captured, addr, exc)  # status, warning and access log as usual

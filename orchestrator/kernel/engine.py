@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, joinedload
@@ -96,20 +97,39 @@ def command_of(definition: SagaDefinition, index: int, kind: PhaseKind) -> str:
 # ---------------------------------------------------------------- starting a saga
 
 
-def start_saga(
-    session: Session,
+class SagaStart:
+    """The rows that start one saga: the saga, its steps, its timeline and its first command(s),
+    as column values, for a caller that writes them together with its own rows (one statement:
+    orchestrator/sagas/placing.py). ``info`` holds the timeline as ``record`` leaves it."""
+
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {}
+        self.saga_id = uuid.uuid4()
+        self.saga: dict[str, Any] = {}
+        self.steps: list[dict[str, Any]] = []
+        self.commands: list[tuple[str, dict[str, Any]]] = []  # (task, envelope)
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self.info.get(EVENTS_KEY, []))
+
+    def enqueue(self, task: str, envelope: dict[str, Any]) -> None:
+        self.commands.append((task, envelope))
+
+
+def saga_start(
     definition: str,
     business_key: str,
     context: dict[str, Any],
     *,
     detail: str | None = None,
     now: datetime | None = None,
-) -> uuid.UUID:
-    """Write a saga of the latest version of ``definition`` and its first command, in the
-    caller's transaction (with whatever business rows the caller wrote before)."""
+) -> SagaStart:
+    """A saga of the latest version of ``definition`` and its first command, as rows to write."""
     reg = registry.current().latest(definition)
     now = now or utcnow()
-    saga_id = uuid.uuid4()
+    start = SagaStart()
+    saga_id = start.saga_id
     snap, dispatches = initial(reg.definition)
     saga = Saga(
         id=saga_id,
@@ -148,25 +168,43 @@ def start_saga(
         )
         for i, (step, view) in enumerate(zip(reg.definition.steps, snap.steps, strict=True))
     ]
-    record(session, saga, E.SAGA_STARTED, detail=detail)
-    _dispatch(session, saga, reg, dispatches, now)  # fills in the first step's request
-    # Core INSERTs, never added to the session: the ORM unit of work for these objects was
-    # about 30 % of the web's CPU per order.
-    _insert(session, [saga])
-    _insert(session, saga.steps)
+    record(start, saga, E.SAGA_STARTED, detail=detail)
+    # Fills in the first step's request; its command is kept, not written.
+    _dispatch(start, saga, reg, dispatches, now, enqueue=start.enqueue)
+    start.saga = _values(saga)
+    start.steps = [_values(step) for step in saga.steps]
     log.info(
         "saga started",
         extra={"saga_id": str(saga_id), "definition": reg.name, "business_key": business_key},
     )
-    return saga_id
+    return start
 
 
-def _insert(session: Session, rows: list[Any]) -> None:
-    """INSERT new (transient) mapped objects of one class, every column as set on them."""
-    table = cast(sa.Table, type(rows[0]).__table__)
-    session.execute(
-        sa.insert(table), [{c.key: getattr(row, c.key) for c in table.columns} for row in rows]
-    )
+def start_saga(
+    session: Session,
+    definition: str,
+    business_key: str,
+    context: dict[str, Any],
+    *,
+    detail: str | None = None,
+    now: datetime | None = None,
+) -> uuid.UUID:
+    """Write a saga of the latest version of ``definition`` and its first command, in the
+    caller's transaction (with whatever business rows the caller wrote before)."""
+    start = saga_start(definition, business_key, context, detail=detail, now=now)
+    for task, envelope in start.commands:
+        outbox.enqueue(session, task, envelope)
+    # Core INSERTs, never ORM objects added to the session: the ORM unit of work for these
+    # objects was about 30 % of the web's CPU per order.
+    session.execute(sa.insert(cast(sa.Table, Saga.__table__)), [start.saga])
+    session.execute(sa.insert(cast(sa.Table, SagaStep.__table__)), start.steps)
+    session.info.setdefault(EVENTS_KEY, []).extend(start.events)
+    return start.saga_id
+
+
+def _values(row: Any) -> dict[str, Any]:
+    """Every column of a new (transient) mapped object, as set on it."""
+    return {c.key: getattr(row, c.key) for c in cast(sa.Table, type(row).__table__).columns}
 
 
 # ---------------------------------------------------------------- loading and recording
@@ -199,8 +237,13 @@ def lock_sagas(session: Session, saga_ids: list[uuid.UUID]) -> dict[uuid.UUID, S
 EVENTS_KEY = "saga.events"
 
 
+class _Recorder(Protocol):
+    @property
+    def info(self) -> dict[Any, Any]: ...
+
+
 def record(
-    session: Session,
+    session: _Recorder,
     saga: Saga,
     event: TimelineEvent,
     *,
@@ -371,12 +414,15 @@ def _reason_text(saga: Saga) -> str | None:
 
 
 def _dispatch(
-    session: Session,
+    session: Any,
     saga: Saga,
     reg: Registered,
     dispatches: list[Dispatch],
     now: datetime,
+    enqueue: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> None:
+    """Send each dispatch: a fresh request, a timeline event, a deadline, an outbox row (or, with
+    ``enqueue``, the command handed to it; ``session`` then only collects the timeline)."""
     definition = reg.definition
     for d in dispatches:
         row = saga.steps[d.index]
@@ -410,7 +456,10 @@ def _dispatch(
             attempt=phase.attempts,
             payload=payload,
         )
-        outbox.enqueue(session, command, envelope)
+        if enqueue is not None:
+            enqueue(command, envelope)
+        else:
+            outbox.enqueue(session, command, envelope)
 
 
 # ---------------------------------------------------------------- replies

@@ -5,7 +5,11 @@ stays what guarantees delivery. Here:
 
 - ``outbox.enqueue`` leaves the rows it wrote in ``session.info``; the ``after_commit`` hook below
   publishes them with publisher confirms on this process's connection. A rolled-back transaction
-  publishes nothing.
+  publishes nothing. A writer without a Session (the web's one-statement order) calls
+  ``publish_committed`` itself and carries the marks in its statement (``take_marks``).
+- ``publish_in_background`` (the web, the bench's direct mode): the rows go to one publishing
+  thread per process that confirms every row waiting at that moment in one batch (group
+  confirm); the committing thread does not wait for the broker.
 - Marking a row sent is a write of its own. The process's next transaction carries the marks (one
   UPDATE for all waiting rows, just before its commit), so under load they cost no commit; marks
   that no transaction carried within ``MARK_EVERY_S`` get a transaction of their own.
@@ -135,27 +139,100 @@ class _Publisher:
             return
         try:
             with transaction() as session:
-                session.execute(_MARK_SENT, _mark_params(marks))
+                session.execute(_MARK_SENT, mark_params(marks))
         except Exception as exc:
             # Kept for the next round; if this process dies first the relay sends them again.
             log.warning("marking %d outbox rows sent failed: %s", len(marks), exc)
             self.give_back(marks)
 
 
-_MARK_SENT = sa.text(
+MARK_SENT_SQL = (
     "UPDATE outbox SET sent_at = v.at"
-    " FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS v(message_id, at)"
+    " FROM unnest(CAST(:mark_ids AS uuid[]), CAST(:mark_ats AS timestamptz[]))"
+    " AS v(message_id, at)"
     " WHERE outbox.message_id = v.message_id AND outbox.sent_at IS NULL"
 )
+_MARK_SENT = sa.text(MARK_SENT_SQL)
 
 
-def _mark_params(marks: list[Mark]) -> dict[str, list[Any]]:
+def mark_params(marks: list[Mark]) -> dict[str, list[Any]]:
     """sent_at is when the row was published, unless the relay got there first."""
-    return {"ids": [m for m, _ in marks], "ats": [at for _, at in marks]}
+    return {"mark_ids": [m for m, _ in marks], "mark_ats": [at for _, at in marks]}
+
+
+class _Background:
+    """Group confirm: one thread per process publishes what the request threads committed, every
+    row waiting at that moment in one batch with pipelined confirms, so a request answers right
+    after its commit instead of waiting for its own confirm. Rows it never gets to (the process
+    died, the broker is down, more than MAX_WAITING wait) are the relay's after the grace period."""
+
+    MAX_WAITING = 5000
+    BATCH = 500
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._waiting: list[Any] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="outbox-publisher", daemon=True)
+        self._thread.start()
+
+    def submit(self, pending: list[Any]) -> None:
+        with self._cond:
+            if len(self._waiting) + len(pending) > self.MAX_WAITING:
+                log.warning("fast path: %d rows waiting; the relay will send these %d",
+                            len(self._waiting), len(pending))
+                return
+            self._waiting.extend(pending)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting:
+                    self._cond.wait()
+                batch = self._waiting[: self.BATCH]
+                del self._waiting[: self.BATCH]
+            _publisher().publish(batch)  # never raises: a failure leaves the rows to the relay
 
 
 _current: _Publisher | None = None
 _current_lock = threading.Lock()
+_background: _Background | None = None
+_in_background = {"on": False}
+
+
+def publish_in_background() -> None:
+    """This process's writers hand their committed rows to one publishing thread (the web and
+    the bench's direct mode: many request threads, one connection; see _Background)."""
+    _in_background["on"] = True
+
+
+def publish_committed(pending: list[Any]) -> None:
+    """Rows whose transaction just committed: publish them now, or hand them to the thread."""
+    global _background
+    if not pending:
+        return
+    if not _in_background["on"]:
+        _publisher().publish(pending)
+        return
+    with _current_lock:
+        if _background is None or _background.pid != os.getpid():
+            _background = _Background()
+        background = _background
+    background.submit(pending)
+
+
+def take_marks() -> list[Mark]:
+    """The sent marks waiting in this process, for a statement that carries them."""
+    here = _here()
+    return here.take() if here else []
+
+
+def give_back_marks(marks: list[Mark]) -> None:
+    """Marks a failed statement did not carry: kept for the next one."""
+    here = _here()
+    if marks and here:
+        here.give_back(marks)
 
 
 def _publisher() -> _Publisher:
@@ -227,23 +304,17 @@ def _here() -> _Publisher | None:
 def _carry_marks(session: Session) -> None:
     """A transaction that commits anyway also writes this process's waiting sent marks: under
     load they cost no commit of their own."""
-    here = _here()
-    marks = here.take() if here else []
+    marks = take_marks()
     if marks:
-        session.execute(_MARK_SENT, _mark_params(marks))
+        session.execute(_MARK_SENT, mark_params(marks))
         session.info[CARRIED_KEY] = marks
 
 
 def _publish_after_commit(session: Session) -> None:
     session.info.pop(CARRIED_KEY, None)
-    pending: list[Any] = session.info.pop(PENDING_KEY, [])
-    if pending:
-        _publisher().publish(pending)
+    publish_committed(session.info.pop(PENDING_KEY, []))
 
 
 def _forget_after_rollback(session: Session) -> None:
     session.info.pop(PENDING_KEY, None)
-    carried = session.info.pop(CARRIED_KEY, None)
-    here = _here()
-    if carried and here:
-        here.give_back(carried)
+    give_back_marks(session.info.pop(CARRIED_KEY, None) or [])

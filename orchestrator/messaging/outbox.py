@@ -26,6 +26,7 @@ import amqp
 import psycopg
 import sqlalchemy as sa
 from kombu.serialization import dumps
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from models.outbox import OutboxMessage
@@ -55,7 +56,8 @@ class _Row:
 
 
 def row(task: str, envelope: dict[str, Any], message_id: uuid.UUID | None = None) -> _Row:
-    """A command as a row (what ``to_wire`` reads), to ``task``'s queue."""
+    """A command as a row (what ``to_wire`` reads), to ``task``'s queue; ``columns`` adds the
+    saga id for an INSERT."""
     return _Row(
         message_id=message_id or uuid.uuid4(),
         task=task,
@@ -65,15 +67,19 @@ def row(task: str, envelope: dict[str, Any], message_id: uuid.UUID | None = None
     )
 
 
+def columns(new: _Row) -> dict[str, Any]:
+    """What an INSERT of ``new`` writes."""
+    return {**vars(new), "saga_id": uuid.UUID(str(new.envelope["saga_id"]))}
+
+
 def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
     """Add a command to the outbox in the caller's transaction (see ``defer_inserts``)."""
     new = row(task, envelope)
-    values = {**vars(new), "saga_id": uuid.UUID(str(envelope["saga_id"]))}
     deferred: list[dict[str, Any]] | None = session.info.get(DEFERRED_KEY)
     if deferred is not None:
-        deferred.append(values)
+        deferred.append(columns(new))
     else:
-        session.execute(sa.insert(_TABLE).values(**values))
+        session.execute(sa.insert(_TABLE).values(**columns(new)))
     if fastpath.enabled():
         session.info.setdefault(fastpath.PENDING_KEY, []).append(new)
     else:
@@ -85,23 +91,28 @@ DEFERRED_KEY = "outbox.deferred"
 
 def defer_inserts(session: Session) -> None:
     """This transaction's rows are written at its commit, in one multi-row INSERT (a batch of
-    replies writes many), instead of one INSERT each."""
+    replies writes many), instead of one INSERT each (the hook: ``hook_sessions``)."""
     session.info.setdefault(DEFERRED_KEY, [])
 
 
-@sa.event.listens_for(Session, "before_commit")
+def hook_sessions() -> None:
+    """Write deferred rows just before commit, forget them on rollback (bootstrap calls this)."""
+    for name, fn in (("before_commit", _write_deferred), ("after_rollback", _forget_deferred)):
+        if not sa.event.contains(Session, name, fn):
+            sa.event.listen(Session, name, fn)
+
+
 def _write_deferred(session: Session) -> None:
     rows = session.info.pop(DEFERRED_KEY, None)
     if rows:
         session.execute(sa.insert(_TABLE), rows)
 
 
-@sa.event.listens_for(Session, "after_rollback")
 def _forget_deferred(session: Session) -> None:
     session.info.pop(DEFERRED_KEY, None)
 
 
-def backlog(session: Session, limit: int) -> int:
+def backlog(session: Session | Connection, limit: int) -> int:
     """Unsent rows, counted up to ``limit + 1`` so the check stays cheap when the backlog is huge."""
     unsent = (
         sa.select(sa.literal(1)).where(OutboxMessage.sent_at.is_(None)).limit(limit + 1).subquery()

@@ -189,6 +189,9 @@ def web(port: int | None, host: str | None, dev: bool) -> None:
     from web import create_app
 
     if dev:
+        from orchestrator.messaging import fastpath
+
+        fastpath.publish_in_background()  # as gunicorn's workers do (web/serving.py)
         create_app().run(host=host, port=port, debug=False, threaded=True)
         return
     create_app()  # fail fast (e.g. production without secrets) before forking workers
@@ -238,8 +241,8 @@ def _bootstrap(worker: str | None = None) -> Any:
 @main.command()
 @click.argument("name", type=WorkerName())
 @click.option("--concurrency", type=int, default=None, help="default: $SAGA_WORKER_CONCURRENCY")
-@click.option("--pool", default="prefork", show_default=True)
-def worker(name: str, concurrency: int | None, pool: str) -> None:
+@click.option("--pool", default=None, help="default: prefork (processes.WORKER_POOL)")
+def worker(name: str, concurrency: int | None, pool: str | None) -> None:
     """A Celery worker consuming exactly its service's queue (orchestrator, or a service)."""
     from orchestrator.ops.processes import celery_worker_args
 
@@ -603,6 +606,10 @@ def chaos(as_json: bool, **options: Any) -> None:
               help="py-spy each process during the saga phase into DIR")
 @click.option("--profile-mode", type=click.Choice(["cpu", "wall"]), default="cpu",
               show_default=True, help="cpu: py-spy --gil; wall: py-spy --idle (waits included)")
+@click.option("--post-seconds", "post_s", type=click.FloatRange(min=0), default=10,
+              show_default=True,
+              help="http: seconds of POST /orders at half the saturation rate, then at 100/s "
+                   "(0: skip)")
 @click.option("--keep-logs", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench(as_json: bool, **options: Any) -> None:

@@ -84,11 +84,15 @@ SWEEP_ACTIONS = Counter(
     ["action"],  # deadline, outbox
 )
 SWEEP_DURATION = Histogram("saga_sweep_duration_seconds", "One sweep", buckets=SLOW)
+# Messages per batch of a batched consumer: every size up to 10 is a bucket of its own (most
+# batches are small), then coarser up to the largest bound a consumer takes (about 100).
+BATCH_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 20, 25, 32, 40, 50, 64, 80, 100, 128, 256,
+               512)
 BATCH_MESSAGES = Histogram(
     "saga_batch_messages",
-    "Messages a batch consumer took at once (orchestrator/messaging/batches.py), by queue",
+    "Messages taken and applied together in one batch, by the queue they came from",
     ["queue"],
-    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+    buckets=BATCH_SIZES,
 )
 # Where the service breaker's state and the commands held by a paused service go when they exist
 # (issue 12, items 1-2): gauges (they go up and down), e.g. saga_service_state{service,state} and
@@ -206,8 +210,12 @@ def task_finished(task_id: str | None, task_name: str, state: str | None) -> Non
         TASK_DURATION.labels(task_name).observe(time.perf_counter() - began)
 
 
+# ---------------------------------------------------------------- batches
+
+
 def observe_batch(queue: str, size: int) -> None:
-    """One batch of ``size`` messages taken from ``queue``."""
+    """A batched consumer took ``size`` messages from ``queue`` and applied them together: called
+    once per batch (``sagactl bench`` and ``sagactl chaos`` report the distribution)."""
     BATCH_MESSAGES.labels(queue).observe(size)
 
 

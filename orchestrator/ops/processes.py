@@ -99,17 +99,20 @@ def worker_node_name(name: str, template: str = "") -> str:
     return (template or DEFAULT_WORKER_NODE).format(name=name, pid=os.getpid())
 
 
-def celery_worker_args(
-    name: str, concurrency: int, pool: str = "prefork", node: str = ""
-) -> list[str]:
-    """``celery worker`` arguments (for ``app.worker_main``) of worker ``name``."""
-    _, queue = workers()[name]
+# The pool every Celery worker runs (``sagactl worker --pool`` overrides it); the bench's raw
+# baseline starts its workers with the same one.
+WORKER_POOL = "prefork"
+
+
+def worker_args(queue: str, node: str, concurrency: int, pool: str) -> list[str]:
+    """``celery worker`` arguments consuming ``queue``: the one command line of every worker, the
+    saga's (``app.start`` in ``sagactl worker``) and the raw baseline's alike."""
     return [
         "worker",
         "-Q",
         queue,
         "-n",
-        worker_node_name(name, node),
+        node,
         "--concurrency",
         str(concurrency),
         "--pool",
@@ -119,6 +122,14 @@ def celery_worker_args(
         "--loglevel",
         "INFO",
     ]
+
+
+def celery_worker_args(
+    name: str, concurrency: int, pool: str | None = None, node: str = ""
+) -> list[str]:
+    """The arguments of worker ``name`` (the orchestrator or a service)."""
+    _, queue = workers()[name]
+    return worker_args(queue, worker_node_name(name, node), concurrency, pool or WORKER_POOL)
 
 
 def gunicorn_argv(host: str, port: int, workers: int, threads: int) -> list[str]:

@@ -52,3 +52,37 @@ def require_broker(url: str) -> None:
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=TIMEOUT_S)
     except Exception as exc:  # kombu raises its own and the socket's errors alike
         raise Unreachable("broker", broker_url_shown(url), exc) from None
+
+
+PUBLISH_TIMEOUT_S = 10.0  # a busy shared broker confirms within a second or two; a stuck one never
+
+
+def require_publish(url: str, timeout_s: float = PUBLISH_TIMEOUT_S) -> None:
+    """A broker that accepts connections may still not confirm publishes (seen: a node holding
+    hundreds of leftover queues timed every confirm out): one publish must be confirmed within
+    ``timeout_s``. The message goes to the default exchange under a name no queue has: dropped."""
+    import time
+
+    import amqp
+
+    try:
+        with Connection(url, connect_timeout=timeout_s,
+                        transport_options={"confirm_publish": False}) as kconn:
+            kconn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout_s)
+            channel = kconn.connection.channel()
+            channel.confirm_select()
+            answered: list[bool] = []
+            channel.events["basic_ack"].add(lambda *_: answered.append(True))
+            channel.events["basic_nack"].add(lambda *_: answered.append(False))
+            channel.basic_publish(amqp.Message(b"reach probe"), exchange="",
+                                  routing_key="sagactl.reach-probe", mandatory=False)
+            deadline = time.monotonic() + timeout_s
+            while not answered:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no publisher confirm within {timeout_s:.0f}s")
+                kconn.connection.drain_events(timeout=remaining)
+            if not answered[0]:
+                raise RuntimeError("the broker refused a publish (nack)")
+    except Exception as exc:  # kombu, py-amqp and the socket raise their own errors alike
+        raise Unreachable("broker", broker_url_shown(url), exc) from None

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -47,7 +48,7 @@ _backlog_checked = {"at": -1.0, "over": False}
 BACKLOG_CHECK_S = 0.2
 
 
-def backlogged(session: Session) -> bool:
+def backlogged(session: Session | Connection) -> bool:
     """Is the outbox over its limit? Counted at most every BACKLOG_CHECK_S per process: the
     count is the most expensive query of a request, and backpressure need not be exact."""
     now = time.monotonic()

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.own_system
 def report() -> dict[str, Any]:
     result = subprocess.run(
         sagactl("bench", "-n", str(N), "--warmup", "5", "--concurrency", "4",
-                "--idle-window", "3", "--floor", "--json"),
+                "--idle-window", "3", "--floor", "--post-seconds", "2", "--json"),
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -100,3 +100,30 @@ def test_the_sandbox_and_the_raw_vhost_are_gone(report: dict[str, Any]) -> None:
     vhosts = subprocess.run([exe, "list_vhosts", "--silent"], capture_output=True, text=True,
                             timeout=60, check=True).stdout.split()
     assert name not in vhosts and vhost not in vhosts
+
+
+def test_batch_sizes_are_reported_per_process_and_queue(report: dict[str, Any]) -> None:
+    # Read from every process's metrics endpoint; {} (with a note saying so) while no
+    # consumer batches, else p50/p99 messages per batch for each process and queue.
+    figures = report["batch_sizes"]
+    assert isinstance(figures, dict)
+    if not figures:
+        assert "no batches observed" in report["batch_sizes_note"]
+    for queues in figures.values():
+        for f in queues.values():
+            assert f["batches"] >= 1 and f["messages"] >= f["batches"], f
+            assert {"p50", "p99", "mean"} <= set(f)
+
+
+def test_post_latency_is_measured_at_half_saturation_and_at_100_per_s(
+    report: dict[str, Any],
+) -> None:
+    half, fixed = report["post_latency"]["half_saturation"], report["post_latency"]["at_100_per_s"]
+    assert half["rate"] == pytest.approx(report["saga"]["sagas_per_s"] / 2, rel=0.1)
+    assert half["accepted"] == half["n"] and half["drained"] is True, half
+    assert fixed["rate"] == 100 and fixed["n"] == 200
+    # Every request answered: accepted, or a 503 with Retry-After that the client retried.
+    assert fixed["accepted"] + fixed["not_accepted"].get("gave up", 0) == fixed["n"], fixed
+    assert set(fixed["not_accepted"]) <= {"503 (retried)", "gave up"}, fixed
+    for figures in (half, fixed):
+        assert 0 < figures["post_p50_ms"] <= figures["post_p99_ms"], figures

@@ -52,4 +52,6 @@ def test_a_short_chaos_run_loses_nothing_and_keeps_every_invariant(artifacts: Pa
     assert {"kill", "close_connections", "terminate_backends"} <= set(
         report["disruptions"]["by_action"])
     assert not report["broker_restart"]["done"]  # the shared broker is never restarted in CI
+    # Batch sizes by process and queue, read from each process's endpoint ({}: none batched).
+    assert isinstance(report["batch_sizes"], dict)
     assert result.returncode == 0, result.stderr[-4000:]

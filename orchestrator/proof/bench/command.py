@@ -20,9 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.ops import reach
 from orchestrator.ops.config import settings
+from orchestrator.proof import batch_sizes
 from orchestrator.proof.bench.load import (
+    Probe,
     make_products,
+    post_phase,
     run_raw,
     run_sagas,
     saga_figures,
@@ -50,6 +54,9 @@ STATS_FLUSH_S = 11.0
 DEFAULTED_ENV = ("SAGA_FAULT_INJECTION", "SAGA_RETRY_ATTEMPTS", "SAGA_RETRY_BASE_S",
                  "SAGA_RETRY_MAX_S", "SAGA_COMPENSATION_ATTEMPTS", "SAGA_STEP_TIMEOUT_S",
                  "SAGA_DEADLINE_S", "SAGA_SWEEP_S")
+
+
+NOT_MEASURED = "a running system's metrics endpoints are not known to the bench"
 
 
 def _stderr(line: str) -> None:
@@ -105,16 +112,33 @@ def _point_at(database_url: str) -> None:
     db._factory.cache_clear()
 
 
+def reachable(database_url: str | None, broker_url: str) -> Probe:
+    """The check a stalled phase makes (and every run before its warm-up): the database answers
+    and the broker confirms a publish, each within seconds, or reach.Unreachable names it."""
+    def probe() -> None:
+        if database_url is not None:
+            reach.require_database(database_url)
+        reach.require_publish(broker_url)
+
+    return probe
+
+
 def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> dict[str, Any]:
-    skus = make_products(stock=opts.n + opts.warmup)
+    saga_probe = reachable(target.database_url, target.broker_url)
+    raw_probe = reachable(None, baseline.broker_url) if baseline is not None else None
+    saga_probe()
+    if raw_probe is not None:
+        raw_probe()
+    skus = make_products(stock=opts.n + opts.warmup + _post_orders(opts))
     place = saga_placer(opts.mode, target.url, skus)
     if opts.warmup:
-        warm = run_sagas(opts, opts.warmup, db, place, say, label="saga warm-up")
+        warm = run_sagas(opts, opts.warmup, db, place, say, label="saga warm-up",
+                         probe=saga_probe)
         if not warm["all_final"]:
             raise RuntimeError("warm-up sagas did not finish; see the logs in "
                                f"{target.log_dir} (--keep-logs keeps them)")
         if baseline is not None:
-            run_raw(opts, opts.warmup, baseline, say, label="raw warm-up")
+            run_raw(opts, opts.warmup, baseline, say, label="raw warm-up", probe=raw_probe)
     say(f"letting the database's counters settle ({STATS_FLUSH_S:.0f}s)…")
     time.sleep(STATS_FLUSH_S)
     own0 = db.own
@@ -122,18 +146,21 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
     pub0 = management_publishes(target.broker_url)
     load_saga = _load()
     cpu = CpuMeter(target.pids, db)
+    batches0 = batch_sizes.scrape(target.metrics)
     cpu.start()
     with profiling(opts, target.pids, say):
-        phase = run_sagas(opts, opts.n, db, place, say)
+        phase = run_sagas(opts, opts.n, db, place, say, probe=saga_probe)
     saga_end = time.time()
     saga_cpu = cpu.stop()
+    batches = (batch_sizes.summary(batch_sizes.delta(batch_sizes.scrape(target.metrics), batches0))
+               if target.metrics else None)
     own_run = db.own - own0
     raw_fig: dict[str, Any] | None = None
     if baseline is not None:
         load_raw = _load()
         raw_cpu = CpuMeter(baseline.pids(), None)
         raw_cpu.start()
-        raw_fig = run_raw(opts, opts.n, baseline, say)
+        raw_fig = run_raw(opts, opts.n, baseline, say, probe=raw_probe)
         raw_fig.update(cpu_s=raw_cpu.stop(), load_before=load_raw,
                        messages_per_chain="4 (3 task messages + 1 completion probe)")
     say(f"letting the database's counters settle ({STATS_FLUSH_S:.0f}s), then "
@@ -146,9 +173,12 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
     pub2 = management_publishes(target.broker_url)
     # The reading itself is one of the idle window's transactions.
     background_per_s = max(0.0, (c2["xact_commit"] - c1["xact_commit"] - 1) / (t2 - t1))
+    saga = saga_figures(db, phase, opts.mode)
     # Last: its commits land in the sandbox database, after the saga's counters were read.
     floor_fig = _run_floor(opts, target, db, say) if opts.floor else None
-    saga = saga_figures(db, phase, opts.mode)
+    # After the floor too (the 100/s phase leaves sagas running): POST /orders at half the
+    # saturation measured above, then at 100 requests/s.
+    post = _post_phases(opts, target, skus, saga, db, saga_probe, say)
     saga.update(cpu_s=saga_cpu, load_before=load_saga)
     n_done = max(1, saga["completed"])
     gross = c1["xact_commit"] - c0["xact_commit"]
@@ -176,6 +206,7 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
         "ratio": _ratio(saga.get("sagas_per_s"), (raw_fig or {}).get("sagas_per_s")),
         "p99_ratio": _ratio(saga.get("p99_ms"), (raw_fig or {}).get("p99_ms")),
         "floor": floor_fig,
+        "post_latency": post,
         "floor_ratio": _ratio((floor_fig or {}).get("sagas_per_s"),
                               (raw_fig or {}).get("sagas_per_s")),
         "messages_per_saga": round(messages_per_saga, 2),
@@ -185,6 +216,11 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
                     "background_per_s": round(background_per_s, 2), "bench_own": own_run,
                     "net": round(net, 1), "window_s": round(t1 - t0, 1)},
         "rows_per_saga": rows,
+        # {process: {queue: {batches, messages, mean, p50, p99}}} over the saga phase;
+        # {}: nothing was batched; None: not measured (a running system's endpoints unknown).
+        "batch_sizes": batches,
+        "batch_sizes_note": (NOT_MEASURED if batches is None
+                             else None if batches else batch_sizes.NOTHING_BATCHED),
         "cpu_ms_per_saga": round(sum(saga_cpu.values()) * 1000 / n_done, 2),
         "cpu_scope": ("the bench, PostgreSQL and RabbitMQ only (a running system's processes are "
                       "not known to the bench)") if opts.url else "every process of the sandbox",
@@ -195,6 +231,31 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
           and all(fig is None or fig["all_final"] for fig in (raw_fig, floor_fig)))
     report["ok"] = bool(ok and saga["outcomes"].get("completed") == opts.n)
     return report
+
+
+POST_FIXED_RATE = 100.0  # requests/s (issue 11's second POST /orders figure)
+
+
+def _post_orders(opts: Options) -> int:
+    """Orders the POST phases may place at most (stock for them)."""
+    return int(opts.post_s * POST_FIXED_RATE * 2) if opts.mode == "http" and opts.post_s else 0
+
+
+def _post_phases(opts: Options, target: Target, skus: list[str], saga: dict[str, Any], db: Db,
+                 probe: Probe, say: Say) -> dict[str, Any] | None:
+    """POST /orders latency at half the saga's saturation (closed loop: the throughput just
+    measured; paced: half the rate given) and at POST_FIXED_RATE, ``post_s`` seconds each."""
+    if opts.mode != "http" or not opts.post_s or not saga.get("sagas_per_s"):
+        return None
+    half = (opts.rate or saga["sagas_per_s"]) / 2
+    out = {"half_saturation": post_phase(
+        target.url, skus, half, max(1, int(half * opts.post_s)), db, say,
+        f"POST at {half:.1f}/s", probe, drain_s=opts.timeout_s)}
+    # Not drained: the system cannot keep 100 orders/s up here, the web answers (or refuses) them.
+    out["at_100_per_s"] = post_phase(
+        target.url, skus, POST_FIXED_RATE, int(POST_FIXED_RATE * opts.post_s), None, say,
+        f"POST at {POST_FIXED_RATE:.0f}/s", probe)
+    return out
 
 
 # ---------------------------------------------------------------- for people
@@ -238,6 +299,11 @@ def render(report: dict[str, Any]) -> str:
                      f"{report['floor_ratio']}")
     if "post_p50_ms" in saga:
         lines.append(f"POST /orders: p50 {saga['post_p50_ms']} ms, p99 {saga['post_p99_ms']} ms")
+    for name, post in (report.get("post_latency") or {}).items():
+        lines.append(f"POST /orders at {post['rate']}/s ({name.replace('_', ' ')}): p50 "
+                     f"{post.get('post_p50_ms')} ms, p99 {post.get('post_p99_ms')} ms; "
+                     f"{post['accepted']}/{post['n']} accepted, not accepted: "
+                     f"{post['not_accepted'] or 'none'}")
     lines.append(f"messages per saga: {report['messages_per_saga']} "
                  f"({report['messages']['method']})")
     c = report["commits"]
@@ -246,6 +312,7 @@ def render(report: dict[str, Any]) -> str:
     for hop, figures in saga["hops_ms"].items():
         lines.append(f"per command, {hop.replace('_', ' ')}: p50 {figures.get('p50_ms')} ms, "
                      f"p99 {figures.get('p99_ms')} ms")
+    lines.extend(batch_sizes.lines(report["batch_sizes"], NOT_MEASURED))
     lines.append("rows written per saga: " + ", ".join(
         f"{k} {v}" for k, v in report["rows_per_saga"].items()))
     lines.append(f"CPU per saga: {report['cpu_ms_per_saga']} ms ({report['cpu_scope']}); "

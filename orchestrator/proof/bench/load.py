@@ -20,6 +20,30 @@ from orchestrator.proof.bench.measure import Db, hops, latency_ms
 from orchestrator.proof.bench.options import Options, Say
 from orchestrator.registry import TimelineEvent as E
 
+# A phase whose counts stood still this long asks the database and the broker whether they are
+# there (reach.py): a run that cannot reach one fails in seconds, naming it, instead of waiting
+# out its timeout. A system that is merely slow answers and the phase goes on.
+STALL_S = 10.0
+Probe = Callable[[], None]  # raises reach.Unreachable
+
+
+class Stall:
+    """Calls ``probe`` each time the phase's counts have not moved for STALL_S."""
+
+    def __init__(self, probe: Probe | None) -> None:
+        self._probe = probe
+        self._seen: object = None
+        self._since = time.monotonic()
+
+    def check(self, counts: object) -> None:
+        now = time.monotonic()
+        if counts != self._seen:
+            self._seen, self._since = counts, now
+        elif self._probe is not None and now - self._since >= STALL_S:
+            self._probe()
+            self._since = time.monotonic()
+
+
 FINAL_EVENTS = [E.SAGA_COMPLETED.value, E.SAGA_COMPENSATED.value, E.SAGA_FAILED.value]
 PRODUCTS = 8  # orders spread over several rows, so stock row locks are not the bottleneck
 
@@ -135,7 +159,10 @@ def _order_body(i: int, skus: list[str]) -> dict[str, Any]:
 
 def saga_placer(mode: str, url: str, skus: list[str]) -> Callable[[int], str]:
     if mode == "direct":
+        from orchestrator.messaging import fastpath
         from orchestrator.sagas import placing as ordering
+
+        fastpath.publish_in_background()  # as the web does: the same lean start path
 
         def place_direct(i: int) -> str:
             new = ordering.NewOrder(customer_id=f"bench-{i}", items=[(skus[i % len(skus)], 1)],
@@ -157,10 +184,11 @@ def saga_placer(mode: str, url: str, skus: list[str]) -> Callable[[int], str]:
 
 
 def run_sagas(opts: Options, n: int, db: Db, place: Callable[[int], str], say: Say,
-              label: str = "saga") -> dict[str, Any]:
+              label: str = "saga", probe: Probe | None = None) -> dict[str, Any]:
     """Place n orders, wait until every saga is final; latencies from the database's clock."""
     drive = Drive(n, opts.concurrency, opts.rate)
     final: set[str] = set()
+    stall = Stall(probe)
     with Progress(label, lambda: f"placed {len(drive.placed)}/{n}, final {len(final)}/{n}"
                   + (f", errors {len(drive.errors)}" if drive.errors else ""), say):
         placer = threading.Thread(target=drive.run, args=(place,), name="placer")
@@ -174,6 +202,7 @@ def run_sagas(opts: Options, n: int, db: Db, place: Callable[[int], str], say: S
                     final |= db.final(pending)
                 if not placer.is_alive() and len(final) >= len(drive.placed):
                     break
+                stall.check((len(drive.placed), len(final)))
                 time.sleep(0.25)
         finally:
             drive.stop.set()
@@ -208,8 +237,10 @@ def _timing(drive: Drive, ends: dict[str, float]) -> dict[str, Any]:
             **latency_ms([ends[p.key] - p.accepted for p in done])}
 
 
-def run_raw(opts: Options, n: int, baseline: Any, say: Say, label: str = "raw") -> dict[str, Any]:
+def run_raw(opts: Options, n: int, baseline: Any, say: Say, label: str = "raw",
+            probe: Probe | None = None) -> dict[str, Any]:
     drive = Drive(n, opts.concurrency, opts.rate)
+    stall = Stall(probe)
 
     def place(i: int) -> str:
         key = uuid.uuid4().hex
@@ -225,6 +256,7 @@ def run_raw(opts: Options, n: int, baseline: Any, say: Say, label: str = "raw") 
             while time.monotonic() < deadline:
                 if not placer.is_alive() and all(p.key in baseline.done for p in drive.placed):
                     break
+                stall.check((len(drive.placed), len(baseline.done)))
                 time.sleep(0.1)
         finally:
             drive.stop.set()
@@ -234,3 +266,72 @@ def run_raw(opts: Options, n: int, baseline: Any, say: Say, label: str = "raw") 
     figures = _timing(drive, ends)
     figures["all_final"] = len(ends) == n
     return figures
+
+
+# ---------------------------------------------------------------- POST /orders at fixed rates
+
+
+def post_phase(url: str, skus: list[str], rate: float, count: int, db: Db | None, say: Say,
+               label: str, probe: Probe | None = None, max_attempts: int = 6,
+               drain_s: float = 300.0) -> dict[str, Any]:
+    """``count`` POST /orders paced at ``rate``; each answer's latency from its due time (a retry
+    from its own start). A 503 with Retry-After is a right answer above the backlog limit: it is
+    counted, and the client retries after the time it says. With ``db`` every accepted saga is
+    waited for (the next phase starts from a drained system)."""
+    answers: list[float] = []
+    accepted: list[str] = []
+    refused: Counter[str] = Counter()
+    lock = threading.Lock()
+    local = threading.local()
+    stop = threading.Event()
+
+    def one(i: int, due: float) -> None:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        start = due
+        for _ in range(max_attempts):
+            try:
+                r = local.session.post(f"{url}/orders", json=_order_body(i, skus), timeout=30)
+            except requests.RequestException as exc:
+                with lock:
+                    refused[type(exc).__name__] += 1
+                return
+            with lock:
+                answers.append(time.time() - start)
+            if r.status_code == 202:
+                with lock:
+                    accepted.append(str(r.json()["saga_id"]))
+                return
+            if r.status_code != 503 or "Retry-After" not in r.headers:
+                with lock:
+                    refused[str(r.status_code)] += 1
+                return
+            with lock:
+                refused["503 (retried)"] += 1
+            if stop.wait(float(r.headers["Retry-After"])):
+                return
+            start = time.time()
+        with lock:
+            refused["gave up"] += 1
+
+    stall = Stall(probe)
+    final: set[str] = set()
+    with Progress(label, lambda: f"answered {len(answers)}, accepted {len(accepted)}/{count}"
+                  + (f", final {len(final)}" if db is not None else ""), say), \
+            ThreadPoolExecutor(max(8, int(rate) * 2), thread_name_prefix="post") as pool:
+        t0 = time.time() + 0.05
+        for i in range(count):
+            delay = t0 + i / rate - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, i, t0 + i / rate)
+        pool.shutdown(wait=True)
+        deadline = time.monotonic() + drain_s
+        while db is not None and len(final) < len(accepted) and time.monotonic() < deadline:
+            final |= db.final([k for k in accepted if k not in final])
+            stall.check(len(final))
+            time.sleep(0.25)
+    return {"rate": round(rate, 1), "n": count, "accepted": len(accepted),
+            "drained": None if db is None else len(final) == len(accepted),
+            "answered": len(answers), "not_accepted": dict(refused),
+            **latency_ms(answers, prefix="post_")}

@@ -25,6 +25,8 @@ class Options:
     # wall: py-spy --idle (every sample, waits on the database and the broker included).
     profile_mode: str = "cpu"
     keep_logs: bool = False
+    # http mode: seconds of POST /orders at half the saturation rate, then at 100/s; 0: none.
+    post_s: float = 10.0
 
 
 Say = Callable[[str], None]

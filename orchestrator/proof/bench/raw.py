@@ -30,6 +30,7 @@ from celery import Celery, chain
 from kombu import Connection, Exchange, Queue
 
 from orchestrator.messaging.topology import service_queues
+from orchestrator.ops import processes
 from orchestrator.ops.config import settings
 
 TASKS = ("bench.reserve", "bench.charge", "bench.confirm")
@@ -144,11 +145,13 @@ def floor_reply(self: Any, chain_id: str, step: str) -> None:
 # ---------------------------------------------------------------- the bench's side
 
 
-def worker_argv(task: str, concurrency: int, pool: str = "prefork") -> list[str]:
-    """The saga workers' command line (orchestrator.ops.processes.celery_worker_argv), for this app."""
-    return [sys.executable, "-m", "celery", "-A", "orchestrator.proof.bench.raw", "worker",
-            "-Q", queue_name(task), "-n", f"raw-{task}@%h", "--concurrency", str(concurrency),
-            "--pool", pool, "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+def worker_argv(task: str, concurrency: int | None = None) -> list[str]:
+    """The saga workers' arguments (orchestrator.ops.processes.worker_args) for this app: the
+    same pool and, by default, the same concurrency (SAGA_WORKER_CONCURRENCY)."""
+    return [sys.executable, "-m", "celery", "-A", "orchestrator.proof.bench.raw",
+            *processes.worker_args(queue_name(task), f"raw-{task}@%h",
+                                   concurrency or settings().worker_concurrency,
+                                   processes.WORKER_POOL)]
 
 
 @dataclass

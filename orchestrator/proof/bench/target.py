@@ -11,7 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class Target:
     pids: dict[str, int]
     log_dir: Path
     sandbox: str | None = None  # the database and vhost name, when the bench made them
+    # Each process's metrics endpoint (the batch sizes are read there); {}: not known.
+    metrics: dict[str, str] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -46,20 +48,34 @@ def sandboxed(log_dir: Path, say: Say) -> Iterator[Target]:
 
     say("creating a sandbox (database, vhost, migrations)…")
     box = Sandbox.create("sagabench")
-    procs = Processes(box, log_dir)
+    # Every process but the web serves its metrics (as `sagactl run` does with
+    # SAGA_METRICS_PORT set): the batch sizes are read there.
+    procs = Processes(box, log_dir, metrics=True)
+    stop_s = 5.0
     try:
         use_sandbox(box)
         say(f"starting the processes (logs in {log_dir})…")
         procs.start_all()
         yield Target(procs.url, box.database_url, box.broker_url,
-                     {name: r.proc.pid for name, r in procs.running.items()}, log_dir, box.name)
+                     {name: r.proc.pid for name, r in procs.running.items()}, log_dir, box.name,
+                     metrics_endpoints(procs))
+        stop_s = 30.0
+    except BaseException:
+        stop_s = 5.0  # a failed run (a broker that went silent, Ctrl-C) does not wait on it
+        raise
     finally:
         say("stopping the processes and removing the sandbox…")
-        procs.stop_all()
+        procs.stop_all(timeout_s=stop_s)
         from models.db import get_engine
 
         get_engine().dispose()
         box.destroy()
+
+
+def metrics_endpoints(procs: Any) -> dict[str, str]:
+    """``{process: url}`` of every harness process that serves its metrics."""
+    return {name: f"http://127.0.0.1:{r.metrics_port}/metrics"
+            for name, r in procs.running.items() if r.metrics_port}
 
 
 @contextlib.contextmanager
@@ -88,12 +104,17 @@ def raw_baseline(target: Target, say: Say, kind: str = "chain") -> Iterator[Any]
     baseline = RawBaseline(_vhost_url(target.broker_url, vhost), target.log_dir,
                            settings().worker_concurrency, vhost, kind,
                            dsn.render_as_string(hide_password=False))
+    stop_s = 5.0
     try:
         say(f"starting the {kind} baseline's workers…")
         baseline.start()
         yield baseline
+        stop_s = 30.0
+    except BaseException:
+        stop_s = 5.0  # a failed run does not wait on workers that may hang on a silent broker
+        raise
     finally:
-        baseline.stop()
+        baseline.stop(timeout_s=stop_s)
         _rabbitmqctl("delete_vhost", vhost)
 
 

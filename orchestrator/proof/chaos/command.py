@@ -19,6 +19,7 @@ from typing import Any
 
 from orchestrator.ops.cluster import Cluster
 from orchestrator.ops.processes import instance_names, parse_scale, scalable
+from orchestrator.proof import batch_sizes
 from orchestrator.proof.chaos import checks as checks
 from orchestrator.proof.chaos.broker_nodes import BrokerChaos, PublishProbe
 from orchestrator.proof.chaos.faults import Disruptor
@@ -72,7 +73,7 @@ def run(opts: Options, say: Callable[[str], None]) -> dict[str, Any]:
         failpoints_dir.mkdir(parents=True, exist_ok=True)
         say(f"chaos: seed {seed}, sandbox {box.name}, logs in {log_dir}")
         use_sandbox(box)
-        procs = Processes(box, log_dir / "logs",
+        procs = Processes(box, log_dir / "logs", metrics=True,  # batch sizes are read there
                           extra_env={**CHAOS_TIMINGS, "SAGA_FAILPOINTS_DIR": str(failpoints_dir)})
         try:
             create_products()
@@ -132,10 +133,12 @@ def _run_in(box: Any, procs: Any, opts: Options, seed: int, failpoints_dir: Path
     faults.scheduled = _schedule(box, opts, seed, pg, started)
     probe = PublishProbe(box.broker_url, box.queue_replicas, started)
     probe.start()
+    batches = batch_sizes.Sampler()
     load.start()
     faults.start()
     while (elapsed := time.monotonic() - started) < opts.duration_s:
         time.sleep(min(5.0, opts.duration_s - elapsed))
+        batches.sample(procs)
         s = load.ledger.summary()
         say(f"chaos t={time.monotonic() - started:.0f}/{opts.duration_s:.0f}s: "
             f"{s['accepted']} orders accepted, {checks.in_flight_text()} sagas in flight, "
@@ -148,6 +151,7 @@ def _run_in(box: Any, procs: Any, opts: Options, seed: int, failpoints_dir: Path
     quiet_from = time.monotonic()  # no new order, every process back up
     say("chaos: load stopped; draining")
     settled = checks.wait_settled(opts.drain_timeout_s, say)
+    batches.sample(procs)
     drain_s = time.monotonic() - last_fault
     drain_quiet_s = time.monotonic() - quiet_from
     parked = checks.parked_sagas()
@@ -190,6 +194,8 @@ def _run_in(box: Any, procs: Any, opts: Options, seed: int, failpoints_dir: Path
                   "recovered_after_retry": len([p for p in by_chaos if p.saga_id not in still_parked])},
         "drain": {"settled": settled, "seconds_after_last_fault": round(drain_s, 1),
                   "seconds_after_load_stopped": round(drain_quiet_s, 1)},
+        # {process: {queue: {batches, messages, mean, p50, p99}}}, load and drain; {}: none.
+        "batch_sizes": batches.total(),
         "invariants": [c.as_json() for c in results],
         "timelines": str(timelines) if shown else None,
     }
@@ -243,6 +249,7 @@ def render(report: dict[str, Any]) -> str:
         f"{report['drain']['seconds_after_last_fault']}s after the last disruption "
         f"({report['drain']['seconds_after_load_stopped']}s after the load stopped and every "
         "process was back)",
+        *batch_sizes.lines(report["batch_sizes"], "unused: chaos reads every process"),
         "invariants:",
         *(f"  {'ok    ' if c['ok'] else 'BROKEN'} {c['name']}"
           + (f": {c['detail']}" if c["detail"] and not c["ok"] else "")
