@@ -183,18 +183,22 @@ class ReturnIn(_In):
     ) = None
 
 
-def _utc_if_naive(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+def _iso_time(value: Any) -> Any:
+    """ISO 8601 text (a query string and JSON have no other date), UTC when it names no zone;
+    not a number (pydantic's lax mode would read one as a Unix time)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time, as text")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-12-01T10:02:00Z") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 SagaStateOrStuck = Literal["stuck", "running", "compensating", "completed", "compensated", "failed"]
-# ISO 8601 text (JSON has no date type, a query string only text): not strict, unlike the rest.
-FilterTime = Annotated[
-    datetime,
-    Strict(False),
-    AfterValidator(_utc_if_naive),
-    Field(description="ISO 8601 date-time; without a zone it is UTC"),
-]
+FilterTime = Annotated[datetime, BeforeValidator(_iso_time)]
 StepName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_no_controls)]
 DefinitionName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_no_controls)]
 

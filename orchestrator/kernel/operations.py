@@ -80,10 +80,12 @@ def start(
         Saga.id,
         sa.func.row_number().over(order_by=queries.NEWEST_FIRST),
     )
-    copied = session.execute(
+    session.execute(
         sa.insert(OperationItem).from_select(["operation_id", "saga_id", "position"], ranked)
     )
-    total = int(copied.rowcount)  # type: ignore[attr-defined]
+    total = session.scalar(
+        sa.select(sa.func.count()).where(OperationItem.operation_id == operation_id)
+    )
     # An operation that matched nothing is done as soon as it is recorded.
     finished = {"finished_at": sa.func.now()} if total == 0 else {}
     session.execute(
