@@ -101,11 +101,11 @@ def _invalid(exc: Invalid, what: str) -> ApiError:
     return ApiError(422, "validation_failed", f"the {what} is not valid", exc.details)
 
 
-def _saga_id_or_404(value: str) -> uuid.UUID:
+def _id_or_404(value: str, what: str = "saga") -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError as exc:
-        raise ApiError(404, "not_found", "no such saga") from exc
+        raise ApiError(404, "not_found", f"no such {what}") from exc
 
 
 @bp.get("")
@@ -192,7 +192,7 @@ def _letter_view(d: DeadLetter) -> dict[str, Any]:
 
 @bp.get("/sagas/<saga_id>")
 def saga(saga_id: str) -> Response | str:
-    ident = _saga_id_or_404(saga_id)
+    ident = _id_or_404(saga_id)
     with transaction() as session:
         view = queries.saga_detail(session, ident)
         letters = _letters_of(session, ident) if view and not wants_json() else []
@@ -220,7 +220,7 @@ def _act(saga_id: uuid.UUID, action: str, note: str | None) -> tuple[int, str | 
 
 def _action_route(action: str) -> Callable[[str], Response]:
     def view(saga_id: str) -> Response:
-        ident = _saga_id_or_404(saga_id)
+        ident = _id_or_404(saga_id)
         try:
             body = validate(ActionIn, posted_fields())
         except Invalid as exc:
@@ -329,18 +329,12 @@ def operations_page() -> Response | str:
 
 @bp.get("/operations/<operation_id>")
 def operation(operation_id: str) -> Response | str:
-    try:
-        ident = uuid.UUID(operation_id)
-    except ValueError as exc:
-        raise ApiError(404, "not_found", "no such operation") from exc
     with transaction() as session:
-        view = queries.operation_detail(session, ident)
+        view = queries.operation_detail(session, _id_or_404(operation_id, "operation"))
     if view is None:
         raise ApiError(404, "not_found", "no such operation")
     shown = dump(OperationDetail.model_validate(view))
-    if wants_json():
-        return jsonify(shown)
-    return render_template("admin/operation.html", op=shown)
+    return jsonify(shown) if wants_json() else render_template("admin/operation.html", op=shown)
 
 
 @bp.get("/dead-letters")

@@ -117,9 +117,10 @@ def _act_on_next() -> datetime | None:
             )
             if status == 202:
                 saga = session.get(Saga, item.saga_id)  # locked by the action, in the session
+                assert saga is not None
                 engine.record(
                     session,
-                    saga,  # type: ignore[arg-type]
+                    saga,
                     TimelineEvent.OPERATOR_BULK,
                     actor=operation.actor,
                     detail=f"operation {operation.id} ({operation.action})",
