@@ -3,6 +3,7 @@
 from models.base import Base
 from models.catalog import Product
 from models.deadletters import DeadLetter
+from models.operations import Operation, OperationItem
 from models.orders import IdempotencyKey, Order, OrderLine
 from models.outbox import OutboxMessage
 from models.participants import Charge, Reservation
@@ -13,6 +14,8 @@ __all__ = [
     "Charge",
     "DeadLetter",
     "IdempotencyKey",
+    "Operation",
+    "OperationItem",
     "Order",
     "OrderLine",
     "OutboxMessage",

@@ -13,7 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from models.catalog import Product
-from models.enums import SagaState
+from models.enums import Reason, SagaState
+from models.operations import Operation, OperationItem
 from models.orders import Order
 from models.sagas import Saga, SagaEvent, SagaStep
 from orchestrator.kernel import engine
@@ -179,37 +180,73 @@ class Cursor:
             raise ValueError("invalid cursor") from exc
 
 
-def list_sagas(
-    session: Session,
-    state: str | None,
-    q: str | None,
-    cursor: Cursor | None,
-    definition: str | None = None,
-) -> tuple[list[dict[str, Any]], Cursor | None]:
-    """Newest first, PAGE_SIZE a page, keyset-paginated on (created_at, id)."""
-    current = (
+@dataclass(frozen=True)
+class SagaFilter:
+    """What the admin list selects, and so what a bulk operation by filter acts on.
+
+    ``state`` is a saga state or "stuck"; ``step`` is the name of the saga's current step;
+    ``created_after``/``created_before`` bound its creation (inclusive, exclusive); ``q`` (an order
+    or saga id) is the list's search box.
+    """
+
+    state: str | None = None
+    reason: str | None = None
+    step: str | None = None
+    definition: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    q: str | None = None
+
+
+def _current_name() -> Any:
+    return (
         sa.select(SagaStep.name)
         .where(SagaStep.saga_id == Saga.id, SagaStep.idx == Saga.current_step)
         .scalar_subquery()
     )
-    query = sa.select(Saga, current.label("current_name"), _current_deadline().label("deadline"))
-    if state == "stuck":
+
+
+def _matching(query: Any, wanted: SagaFilter) -> Any:
+    """``query`` (of sagas) narrowed to the sagas ``wanted`` selects."""
+    if wanted.state == "stuck":
         query = query.where(_stuck_clause())
-    elif state:
-        query = query.where(Saga.state == SagaState(state))
-    if definition:
-        query = query.where(Saga.definition == definition)
-    if q:
+    elif wanted.state:
+        query = query.where(Saga.state == SagaState(wanted.state))
+    if wanted.reason:
+        query = query.where(Saga.reason == Reason(wanted.reason))
+    if wanted.step:
+        query = query.where(_current_name() == wanted.step)
+    if wanted.definition:
+        query = query.where(Saga.definition == wanted.definition)
+    if wanted.created_after:
+        query = query.where(Saga.created_at >= wanted.created_after)
+    if wanted.created_before:
+        query = query.where(Saga.created_at < wanted.created_before)
+    if wanted.q:
         try:
-            ident = uuid.UUID(q.strip())
+            ident = uuid.UUID(wanted.q.strip())
         except ValueError:
-            return [], None
+            return query.where(sa.false())  # not an id: nothing is about it
         query = query.where(sa.or_(Saga.id == ident, Saga.business_key == str(ident)))
+    return query
+
+
+NEWEST_FIRST = (Saga.created_at.desc(), Saga.id.desc())
+
+
+def list_sagas(
+    session: Session, wanted: SagaFilter, cursor: Cursor | None
+) -> tuple[list[dict[str, Any]], Cursor | None]:
+    """Newest first, PAGE_SIZE a page, keyset-paginated on (created_at, id)."""
+    query = _matching(
+        sa.select(Saga, _current_name().label("current_name"), _current_deadline().label("deadline")),
+        wanted,
+    )
     if cursor:
         query = query.where(
             sa.tuple_(Saga.created_at, Saga.id) < (cursor.created_at, cursor.saga_id)
         )
-    query = query.order_by(Saga.created_at.desc(), Saga.id.desc()).limit(PAGE_SIZE + 1)
+    query = query.order_by(*NEWEST_FIRST).limit(PAGE_SIZE + 1)
     rows = session.execute(query).all()
     now = engine.utcnow()
     items = [
@@ -232,6 +269,12 @@ def list_sagas(
         last = rows[PAGE_SIZE - 1][0]
         next_cursor = Cursor(last.created_at, last.id)
     return items, next_cursor
+
+
+def matching(wanted: SagaFilter, *columns: Any) -> Any:
+    """A select of ``columns`` (the saga's id if none) over the sagas ``wanted`` selects: what a
+    bulk operation counts, samples and copies into its work list."""
+    return _matching(sa.select(*(columns or (Saga.id,))), wanted)
 
 
 def _order_of(session: Session, business_key: str) -> Order | None:
@@ -259,4 +302,72 @@ def saga_detail(session: Session, saga_id: uuid.UUID) -> dict[str, Any] | None:
             "current_step": saga.steps[saga.current_step].name,
         }
     )
+    return view
+
+
+# ---------------------------------------------------------------- bulk operations
+
+OPERATIONS_PAGE = 50
+
+
+def _operation_state(op: Operation) -> str:
+    if op.finished_at is not None:
+        return "done"
+    return "running" if op.started_at is not None else "pending"
+
+
+def _operation_view(op: Operation, results: dict[str, int]) -> dict[str, Any]:
+    return {
+        "operation_id": str(op.id),
+        "action": op.action,
+        "actor": op.actor,
+        "note": op.note,
+        "filter": op.filter,
+        "state": _operation_state(op),
+        "total": op.total,
+        "done": op.done,
+        "results": results,
+        "created_at": _iso(op.created_at),
+        "started_at": _iso(op.started_at),
+        "finished_at": _iso(op.finished_at),
+    }
+
+
+def _results(session: Session, ids: list[uuid.UUID]) -> dict[uuid.UUID, dict[str, int]]:
+    """Per operation: how many of its sagas answered each status so far."""
+    rows = session.execute(
+        sa.select(OperationItem.operation_id, OperationItem.status, sa.func.count())
+        .where(OperationItem.operation_id.in_(ids), OperationItem.status.is_not(None))
+        .group_by(OperationItem.operation_id, OperationItem.status)
+    )
+    found: dict[uuid.UUID, dict[str, int]] = {i: {} for i in ids}
+    for operation_id, status, n in rows:
+        found[operation_id][str(status)] = int(n)
+    return found
+
+
+def operations(session: Session) -> list[dict[str, Any]]:
+    """The latest bulk operations, newest first, with their progress."""
+    ops = session.scalars(
+        sa.select(Operation).order_by(Operation.created_at.desc()).limit(OPERATIONS_PAGE)
+    ).all()
+    results = _results(session, [op.id for op in ops])
+    return [_operation_view(op, results[op.id]) for op in ops]
+
+
+def operation_detail(session: Session, operation_id: uuid.UUID) -> dict[str, Any] | None:
+    """One operation with every saga's result, in the order it acts on them."""
+    op = session.get(Operation, operation_id)
+    if op is None:
+        return None
+    items = session.scalars(
+        sa.select(OperationItem)
+        .where(OperationItem.operation_id == operation_id)
+        .order_by(OperationItem.position)
+    )
+    view = _operation_view(op, _results(session, [op.id])[op.id])
+    view["items"] = [
+        {"saga_id": str(i.saga_id), "status": i.status, "state": i.state, "at": _iso(i.acted_at)}
+        for i in items
+    ]
     return view

@@ -1,4 +1,5 @@
-"""The admin console: saga lists, one saga's story, operator actions, dead letters.
+"""The admin console: saga lists, one saga's story, operator actions (one by one, by ids, or by
+filter as a recorded bulk operation), the operations, dead letters.
 
 HTTP Basic on every route. A state-changing route takes a JSON post (a browser cannot send one
 cross-site without a preflight, which this app never answers) or a form post with a CSRF token.
@@ -29,10 +30,10 @@ from sqlalchemy.orm import Session
 
 from models.db import transaction
 from models.deadletters import DeadLetter
+from models.enums import Reason
 from models.orders import Order
 from orchestrator import queries, registry
-from orchestrator.kernel import engine
-from orchestrator.kernel.machine import NotApplicable
+from orchestrator.kernel import engine, operations
 from orchestrator.messaging import deadletters
 from web import presenters
 from web.errors import ApiError, wants_json
@@ -40,20 +41,31 @@ from web.http import is_json, posted_fields
 from web.schemas import (
     ActionIn,
     ActionResult,
-    BulkIn,
     BulkItemResult,
+    BulkPreview,
     BulkResult,
     DeadLetterList,
     DeadLetterOut,
     LetterActionIn,
     LetterActionResult,
     LetterId,
+    OperationAccepted,
+    OperationDetail,
+    OperationList,
     SagaDetail,
     SagaList,
     SagaListQuery,
     dump,
 )
-from web.validation import Invalid, validate
+from web.validation import (
+    FILTER_FIELDS,
+    Invalid,
+    filter_problems,
+    parse_bulk,
+    saga_filter,
+    step_names,
+    validate,
+)
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 bp.add_app_template_filter(presenters.elapsed, "elapsed")
@@ -89,11 +101,11 @@ def _invalid(exc: Invalid, what: str) -> ApiError:
     return ApiError(422, "validation_failed", f"the {what} is not valid", exc.details)
 
 
-def _saga_id_or_404(value: str) -> uuid.UUID:
+def _id_or_404(value: str, what: str = "saga") -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError as exc:
-        raise ApiError(404, "not_found", "no such saga") from exc
+        raise ApiError(404, "not_found", f"no such {what}") from exc
 
 
 @bp.get("")
@@ -112,15 +124,16 @@ def sagas() -> Response | str:
                 400, "invalid_state", f"state must be one of {', '.join(queries.STATES)}"
             ) from exc
         raise ApiError(400, "invalid_query", "the query is not valid", exc.details) from exc
-    state = query.state
-    q = (query.q or "").strip() or None
-    definition = query.definition
-    if definition is not None and definition not in registry.current().names:
+    problems = filter_problems(query)
+    if any(p["field"] == "definition" for p in problems):
         raise ApiError(
             400,
             "invalid_definition",
             f"definition must be one of {', '.join(registry.current().names)}",
         )
+    if problems:
+        raise ApiError(400, "invalid_query", "the query is not valid", problems)
+    q = (query.q or "").strip() or None
     cursor = None
     if query.cursor:
         try:
@@ -128,21 +141,26 @@ def sagas() -> Response | str:
         except ValueError as exc:
             raise ApiError(400, "invalid_cursor", "the cursor is not valid") from exc
     with transaction() as session:
-        items, next_cursor = queries.list_sagas(session, state, q, cursor, definition)
+        items, next_cursor = queries.list_sagas(session, saga_filter(query, q), cursor)
         counts = queries.counts(session)
         customers = _customers(session, items) if not wants_json() else {}
     next_token = next_cursor.encode() if next_cursor else None
     listed = dump(SagaList.model_validate({"sagas": items, "counts": counts, "next": next_token}))
     if wants_json():
         return jsonify(listed)
+    # The filter as given (the page's links and the bulk form carry it on).
+    shown = {name: request.args[name] for name in FILTER_FIELDS if request.args.get(name)}
     return render_template(
         "admin/sagas.html",
         sagas=listed["sagas"],
         counts=listed["counts"],
-        state=state,
+        state=query.state,
         q=q or "",
-        definition=definition or "",
+        shown=shown,
+        others={k: v for k, v in shown.items() if k != "state"},
         definitions=registry.current().names,
+        steps=step_names(),
+        reasons=[r.value for r in Reason],
         next=next_token,
         paged=cursor is not None,
         states=queries.STATES,
@@ -174,7 +192,7 @@ def _letter_view(d: DeadLetter) -> dict[str, Any]:
 
 @bp.get("/sagas/<saga_id>")
 def saga(saga_id: str) -> Response | str:
-    ident = _saga_id_or_404(saga_id)
+    ident = _id_or_404(saga_id)
     with transaction() as session:
         view = queries.saga_detail(session, ident)
         letters = _letters_of(session, ident) if view and not wants_json() else []
@@ -195,19 +213,14 @@ def saga(saga_id: str) -> Response | str:
 
 
 def _act(saga_id: uuid.UUID, action: str, note: str | None) -> tuple[int, str | None]:
-    try:
-        with transaction() as session:
-            state = engine.operator_action(session, saga_id, action, g.admin_user, note)
-        return 202, state.value
-    except engine.SagaNotFound:
-        return 404, None
-    except NotApplicable:
-        return 409, None
+    with transaction() as session:
+        status, state = operations.act(session, saga_id, action, g.admin_user, note)
+    return status, state.value if state else None
 
 
 def _action_route(action: str) -> Callable[[str], Response]:
     def view(saga_id: str) -> Response:
-        ident = _saga_id_or_404(saga_id)
+        ident = _id_or_404(saga_id)
         try:
             body = validate(ActionIn, posted_fields())
         except Invalid as exc:
@@ -233,26 +246,95 @@ bp.add_url_rule(
 )
 
 
+FILTER_PREFIX = "filter."
+
+
+def _filter_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k.startswith(FILTER_PREFIX) and v != ""}
+
+
+def _form_body(fields: dict[str, Any]) -> dict[str, Any]:
+    """A form's flat fields as the JSON body: ``filter.<name>`` fields (blank ones left out)
+    make the ``filter``, and ``dry_run=1`` is true."""
+    body = {k: v for k, v in fields.items() if not k.startswith(FILTER_PREFIX)}
+    if any(k.startswith(FILTER_PREFIX) for k in fields):
+        body["filter"] = {k.removeprefix(FILTER_PREFIX): v for k, v in _filter_fields(fields).items()}
+    if "dry_run" in body:
+        body["dry_run"] = {"1": True, "0": False, "": False}.get(body["dry_run"], body["dry_run"])
+    return body
+
+
 @bp.post("/sagas/bulk")
-def bulk() -> Response:
+def bulk() -> Response | str:
+    fields = posted_fields(form_only=("return_state",), lists=("saga_ids",))
     try:
-        body = validate(BulkIn, posted_fields(form_only=("return_state",), lists=("saga_ids",)))
+        body = parse_bulk(fields if is_json() else _form_body(fields))
     except Invalid as exc:
         raise _invalid(exc, "bulk request") from exc
+    if body.filter is None:
+        return _bulk_by_ids(body.action, body.saga_ids or [], body.note)
+    wanted = saga_filter(body.filter)
+    if body.dry_run:
+        with transaction() as session:
+            count, sample = operations.preview(session, wanted)
+        if is_json():
+            return jsonify(dump(BulkPreview(count=count, sample=sample)))
+        return render_template(
+            "admin/bulk_preview.html",
+            action=body.action,
+            note=body.note or "",
+            wanted={k.removeprefix(FILTER_PREFIX): v for k, v in _filter_fields(fields).items()},
+            count=count,
+            sample=[str(i) for i in sample],
+        )
+    recorded = body.filter.model_dump(mode="json", exclude_none=True)
+    with transaction() as session:
+        operation_id = operations.start(
+            session, body.action, wanted, recorded, g.admin_user, body.note
+        )
+    if not is_json():
+        return redirect(url_for("admin.operation", operation_id=str(operation_id)), code=303)  # type: ignore[return-value]
+    response = jsonify(dump(OperationAccepted(operation_id=operation_id)))
+    response.status_code = 202
+    return response
+
+
+def _bulk_by_ids(action: str, saga_ids: list[str], note: str | None) -> Response:
+    """Each saga at once, in the request, answering on its own (as one by one)."""
     results = []
-    for raw in body.saga_ids:
+    for raw in saga_ids:
         try:
             ident = uuid.UUID(raw)
         except ValueError:
             status = 404  # not an id: no such saga
         else:
-            status, _ = _act(ident, body.action, body.note)
+            status, _ = _act(ident, action, note)
         results.append(BulkItemResult(saga_id=raw, status=status))  # type: ignore[arg-type]
     if not is_json():
         return redirect(
             url_for("admin.sagas", state=request.form.get("return_state") or None), code=303
         )  # type: ignore[return-value]
     return jsonify(dump(BulkResult(results=results)))
+
+
+@bp.get("/operations")
+def operations_page() -> Response | str:
+    with transaction() as session:
+        items = queries.operations(session)
+    listed = dump(OperationList.model_validate({"operations": items}))
+    if wants_json():
+        return jsonify(listed)
+    return render_template("admin/operations.html", operations=listed["operations"])
+
+
+@bp.get("/operations/<operation_id>")
+def operation(operation_id: str) -> Response | str:
+    with transaction() as session:
+        view = queries.operation_detail(session, _id_or_404(operation_id, "operation"))
+    if view is None:
+        raise ApiError(404, "not_found", "no such operation")
+    shown = dump(OperationDetail.model_validate(view))
+    return jsonify(shown) if wants_json() else render_template("admin/operation.html", op=shown)
 
 
 @bp.get("/dead-letters")

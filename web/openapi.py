@@ -35,6 +35,10 @@ RESPONSES: tuple[type[BaseModel], ...] = (
     s.SagaDetail,
     s.ActionResult,
     s.BulkResult,
+    s.BulkPreview,
+    s.OperationAccepted,
+    s.OperationList,
+    s.OperationDetail,
     s.DeadLetterList,
     s.LetterActionResult,
     s.Health,
@@ -98,7 +102,7 @@ def _path_param(name: str, schema: dict[str, Any], description: str) -> dict[str
 def _query_params(model: type[BaseModel]) -> list[dict[str, Any]]:
     """A query model's fields as OpenAPI parameters (a parameter is absent, never null)."""
     params = []
-    for name, prop in model.model_json_schema()["properties"].items():
+    for name, prop in model.model_json_schema(ref_template=REF)["properties"].items():
         schema = next((o for o in prop.get("anyOf", [prop]) if o.get("type") != "null"), prop)
         schema = {k: v for k, v in schema.items() if k not in ("title", "description")}
         param = {"name": name, "in": "query", "required": False, "schema": schema}
@@ -287,12 +291,40 @@ PATHS: dict[str, Any] = {
     "/admin/sagas/{saga_id}/compensate": _action("Abort a running saga and compensate it"),
     "/admin/sagas/bulk": _admin(
         "post",
-        "Retry or compensate many sagas; each answers on its own",
+        "Retry or compensate many sagas: by ids (each answers on its own, at once) or by filter "
+        "(a dry run counts them; a real run is a recorded operation acting at SAGA_BULK_RATE)",
         requestBody=_post_body(s.BulkIn),
         responses={
-            "200": _json(s.BulkResult, "one result per saga, in order"),
-            "303": SEE_OTHER,
+            "200": {
+                "description": "by ids: one result per saga, in order; a dry run by filter: the "
+                "count and a sample (a form's dry run: the page with the confirm button)",
+                "content": {
+                    JSON: {"schema": {"oneOf": [ref(s.BulkResult), ref(s.BulkPreview)]}},
+                    "text/html": {"schema": {"type": "string"}},
+                },
+            },
+            "202": _json(s.OperationAccepted, "by filter: the operation is recorded and runs"),
+            "303": {
+                "description": "a form post: back to the list (by ids) or to the operation",
+                "headers": LOCATION,
+            },
             **_errors(400, 401, 413, 415, 422),
+        },
+    ),
+    "/admin/operations": _admin(
+        "get",
+        "Bulk operations by filter, newest first, with their progress",
+        responses={"200": _page_or_json(s.OperationList, "the operations"), **_errors(401)},
+    ),
+    "/admin/operations/{operation_id}": _admin(
+        "get",
+        "One bulk operation: who, when, note, filter, progress and each saga's result",
+        parameters=[
+            _path_param("operation_id", {"type": "string"}, "an operation id (else: 404)")
+        ],
+        responses={
+            "200": _page_or_json(s.OperationDetail, "the operation"),
+            **_errors(401, 404),
         },
     ),
     "/admin/dead-letters": _admin(

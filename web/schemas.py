@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -20,8 +20,10 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    Strict,
     StrictInt,
     WithJsonSchema,
+    model_validator,
 )
 
 from models.enums import (
@@ -181,6 +183,75 @@ class ReturnIn(_In):
     ) = None
 
 
+def _iso_time(value: Any) -> Any:
+    """ISO 8601 text (a query string and JSON have no other date), UTC when it names no zone;
+    not a number (pydantic's lax mode would read one as a Unix time)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time, as text")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-12-01T10:02:00Z") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+SagaStateOrStuck = Literal["stuck", "running", "compensating", "completed", "compensated", "failed"]
+FilterTime = Annotated[datetime, BeforeValidator(_iso_time)]
+StepName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_no_controls)]
+DefinitionName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_no_controls)]
+
+
+class SagaFilterFields(_In):
+    """What selects sagas, the same in the admin list's query and in a bulk filter."""
+
+    state: Annotated[SagaStateOrStuck | None, BeforeValidator(_blank_is_none)] = None
+    reason: Annotated[
+        Reason | None,
+        Strict(False),  # its value as text
+        BeforeValidator(_blank_is_none),
+        Field(description="why the saga turned back (the order's reason)"),
+    ] = None
+    step: Annotated[
+        StepName | None,
+        BeforeValidator(_blank_is_none),
+        Field(description="the name of the saga's current step"),
+    ] = None
+    definition: Annotated[
+        DefinitionName | None,
+        BeforeValidator(_blank_is_none),
+        Field(description="a saga definition's name (order, return, ...)"),
+    ] = None
+    created_after: Annotated[
+        FilterTime | None,
+        BeforeValidator(_blank_is_none),
+        Field(description="created at or after (ISO 8601; without a zone: UTC)"),
+    ] = None
+    created_before: Annotated[
+        FilterTime | None,
+        BeforeValidator(_blank_is_none),
+        Field(description="created before (ISO 8601; without a zone: UTC)"),
+    ] = None
+
+    @model_validator(mode="after")
+    def _a_time_range(self) -> SagaFilterFields:
+        after, before = self.created_after, self.created_before
+        if after and before and after >= before:
+            raise ValueError("created_after must be earlier than created_before")
+        return self
+
+
+class BulkFilter(SagaFilterFields):
+    """Selects the sagas the admin list would show with the same fields; at least one."""
+
+    @model_validator(mode="after")
+    def _not_everything(self) -> BulkFilter:
+        if not self.model_dump(exclude_none=True):
+            raise ValueError("a filter needs at least one field (it would select every saga)")
+        return self
+
+
 class ActionIn(_In):
     """The body of POST /admin/sagas/<id>/retry and /compensate."""
 
@@ -188,9 +259,24 @@ class ActionIn(_In):
 
 
 class BulkIn(_In):
+    """POST /admin/sagas/bulk: the sagas by id (each answers at once), or by ``filter`` (a
+    recorded operation that acts at a bounded rate, or with ``dry_run`` only counts them)."""
+
     action: Literal["retry", "compensate"]
-    saga_ids: Annotated[list[str], Field(min_length=1, max_length=MAX_BULK)]
+    saga_ids: Annotated[list[str], Field(min_length=1, max_length=MAX_BULK)] | None = None
+    filter: BulkFilter | None = None
+    dry_run: Annotated[
+        bool, Field(description="with a filter: count and sample the sagas, act on none")
+    ] = False
     note: OptionalNote = None
+
+    @model_validator(mode="after")
+    def _ids_or_filter(self) -> BulkIn:
+        if (self.saga_ids is None) == (self.filter is None):
+            raise ValueError("send exactly one of saga_ids and filter")
+        if self.dry_run and self.filter is None:
+            raise ValueError("dry_run goes with a filter")
+        return self
 
 
 class LetterActionIn(_In):
@@ -200,25 +286,16 @@ class LetterActionIn(_In):
 LetterId = Annotated[int, Field(ge=1, le=MAX_BIGINT)]
 
 
-class SagaListQuery(_In):
+class SagaListQuery(SagaFilterFields):
     """GET /admin/sagas's query; ``q`` is free text (an id that matches nothing finds nothing)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    state: Annotated[
-        Literal["stuck", "running", "compensating", "completed", "compensated", "failed"] | None,
-        BeforeValidator(_blank_is_none),
-    ] = None
     q: Annotated[str | None, Field(description="an order id or a saga id")] = None
     cursor: Annotated[
         str | None,
         BeforeValidator(_blank_is_none),
         Field(description="`next` of the previous page"),
-    ] = None
-    definition: Annotated[
-        str | None,
-        BeforeValidator(_blank_is_none),
-        Field(description="a saga definition's name (order, return, ...)"),
     ] = None
 
 
@@ -412,6 +489,72 @@ class BulkItemResult(_Out):
 
 class BulkResult(_Out):
     results: Annotated[list[BulkItemResult], Field(description="one per saga id, in order")]
+
+
+SAMPLE_SIZE = 10
+
+
+class BulkPreview(_Out):
+    """A dry run by filter: how many sagas a real run would act on; nothing acted."""
+
+    count: int
+    sample: Annotated[
+        list[uuid.UUID],
+        Field(max_length=SAMPLE_SIZE, description="the first ids, newest first (as the list)"),
+    ]
+
+
+class OperationAccepted(_Out):
+    operation_id: uuid.UUID
+
+
+class OperationFilter(_Out):
+    """The filter an operation ran with, as it was validated."""
+
+    state: SagaStateOrStuck | None = None
+    reason: Reason | None = None
+    step: str | None = None
+    definition: str | None = None
+    created_after: Timestamp | None = None
+    created_before: Timestamp | None = None
+
+
+class OperationSummary(_Out):
+    operation_id: uuid.UUID
+    action: Literal["retry", "compensate"]
+    actor: str
+    note: Masked | None
+    filter: OperationFilter
+    state: Annotated[
+        Literal["pending", "running", "done"],
+        Field(description="pending: no saga acted on yet; done: every saga has its result"),
+    ]
+    total: Annotated[int, Field(description="sagas the filter matched when it was sent")]
+    done: Annotated[int, Field(description="sagas acted on so far")]
+    results: Annotated[
+        dict[str, int], Field(description="sagas per result so far: '202', '404', '409'")
+    ]
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+
+class OperationList(_Out):
+    operations: Annotated[list[OperationSummary], Field(description="newest first")]
+
+
+class OperationItemOut(_Out):
+    saga_id: uuid.UUID
+    status: Annotated[
+        Literal[202, 404, 409] | None,
+        Field(description="as one by one (202 acted, 409 did not apply, 404 gone); null: pending"),
+    ]
+    state: Annotated[SagaState | None, Field(description="the saga's state after the action")]
+    at: Annotated[Timestamp | None, Field(description="when the operation acted on it")]
+
+
+class OperationDetail(OperationSummary):
+    items: Annotated[list[OperationItemOut], Field(description="one per saga, in the order acted on")]
 
 
 class DeadLetterOut(_Out):

@@ -10,12 +10,12 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from orchestrator import registry
+from orchestrator import queries, registry
 from orchestrator.messaging.envelopes import FAULT
 from orchestrator.sagas.order import ORDER_SAGA
 from orchestrator.sagas.returns import RETURN_SAGA
 from web.http import TooLongNumber
-from web.schemas import OrderIn, ReturnIn
+from web.schemas import BulkIn, OrderIn, ReturnIn, SagaFilterFields
 
 # Matched with fullmatch: "$" alone would let a trailing newline through.
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -119,3 +119,45 @@ def fingerprint(data: Any) -> str:
     """The same JSON value gives the same fingerprint, whatever its key order or spacing."""
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+FILTER_FIELDS = (
+    "state", "reason", "step", "definition", "created_after", "created_before"
+)  # fmt: skip
+
+
+def step_names() -> list[str]:
+    """Every step name of every registered definition (what a saga's current step can be)."""
+    reg = registry.current()
+    return sorted({s.name for r in reg.definitions.values() for s in r.definition.steps})
+
+
+def filter_problems(wanted: SagaFilterFields, prefix: str = "") -> list[dict[str, str]]:
+    """What the registry knows and the model cannot: the definition and the step exist."""
+    reg = registry.current()
+    problems = []
+    if wanted.definition is not None and wanted.definition not in reg.names:
+        known = ", ".join(reg.names)
+        problems.append(
+            {"field": f"{prefix}definition", "message": f"unknown definition (known: {known})"}
+        )
+    if wanted.step is not None and wanted.step not in step_names():
+        problems.append(
+            {"field": f"{prefix}step", "message": "not a step of any saga definition"}
+        )
+    return problems
+
+
+def parse_bulk(data: Any) -> BulkIn:
+    """POST /admin/sagas/bulk's body; a filter's definition and step are checked as well."""
+    body = validate(BulkIn, data)
+    if body.filter is not None:
+        problems = filter_problems(body.filter, "filter.")
+        if problems:
+            raise Invalid(problems)
+    return body
+
+
+def saga_filter(fields: SagaFilterFields, q: str | None = None) -> queries.SagaFilter:
+    """The read side's filter from validated fields (the list's query or a bulk filter)."""
+    return queries.SagaFilter(**{name: getattr(fields, name) for name in FILTER_FIELDS}, q=q)

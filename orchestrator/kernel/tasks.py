@@ -65,9 +65,13 @@ def reply(self: Task, envelope: Any) -> str:
 @app.task(name="saga.sweep")
 def sweep() -> dict[str, int]:
     report = sweeper.sweep()
-    if report.sagas_acted_on or report.outbox_relayed:
+    if report.sagas_acted_on or report.outbox_relayed or report.bulk_acted:
         log.info("sweep: %s", report)
-    return {"sagas": report.sagas_acted_on, "outbox": report.outbox_relayed}
+    return {
+        "sagas": report.sagas_acted_on,
+        "outbox": report.outbox_relayed,
+        "bulk": report.bulk_acted,
+    }
 
 
 def on_batch(deliveries: list[batches.Delivery]) -> batches.Outcome:

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     db_pool_size: int = _env("SAGA_DB_POOL_SIZE", 2, ge=1)
     db_pool_overflow: int = _env("SAGA_DB_POOL_OVERFLOW", 6, ge=0)
     beat_schedule: Path | None = _env("SAGA_BEAT_SCHEDULE")
+    # A bulk operation by filter acts on at most this many sagas a second (beat's sweep runs it),
+    # so "retry the 2,000 that failed" does not flood the participants at once.
+    bulk_rate: float = _env("SAGA_BULK_RATE", 20.0, gt=0)
 
     # --- the web server
     web_host: str = _env("SAGA_WEB_HOST", "127.0.0.1", min_length=1)

@@ -80,8 +80,9 @@ DEAD_LETTERS_RECORDED = Counter(
 SWEEPS = Counter("saga_sweeps", "Sweeps run (deadlines and unsent outbox rows)")
 SWEEP_ACTIONS = Counter(
     "saga_sweep_actions",
-    "What the sweeps did: sagas acted on past a deadline, outbox rows published",
-    ["action"],  # deadline, outbox
+    "What the sweeps did: sagas acted on past a deadline, outbox rows published, sagas acted "
+    "on by bulk operations",
+    ["action"],  # deadline, outbox, bulk
 )
 SWEEP_DURATION = Histogram("saga_sweep_duration_seconds", "One sweep", buckets=SLOW)
 # Messages per batch of a batched consumer: every size up to 10 is a bucket of its own (most

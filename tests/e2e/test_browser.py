@@ -1,10 +1,11 @@
 """The pages in a real browser against the running system: the order form and its live order page,
-validation errors, the admin console's retry of a parked saga, and a Content-Security-Policy the
-pages keep."""
+validation errors, the admin console's retry of a parked saga (one, and every saga matching a
+filter after a dry-run count), and a Content-Security-Policy the pages keep."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 from playwright.sync_api import Page, Response, expect
@@ -242,4 +243,45 @@ def test_a_confirmed_order_is_returned_from_its_page(
     expect(page.locator("#returns li[data-saga-id] > .badge").first).to_have_text("completed")
     expect(page.locator("#return-button")).to_have_count(0)  # returned: nothing to return
     page.screenshot(path=str(shots / "order-returned.png"), full_page=True)
+    assert console.csp_violations() == []
+
+
+def test_operator_retries_every_saga_matching_a_filter_after_counting_them(
+    admin_page: Page, api: Api, console: Console, shots: Path
+) -> None:
+    since = datetime.now(UTC).isoformat()
+    parked = [_parked_saga(api) for _ in range(3)]
+    reason = api.order(parked[0][1])["reason"]
+    page = admin_page
+    page.goto("/admin/sagas?state=failed")
+    page.select_option("#reason", reason)
+    page.select_option("#step", "payment.charge")
+    page.fill("#created_after", since)
+    with page.expect_navigation():
+        page.click("#filter-apply")
+    expect(page.locator("#saga-list tr[data-saga-id]")).to_have_count(3)
+
+    page.select_option("#bulk-filter-action", "retry")
+    page.fill("#bulk-filter-note", "e2e: provider back")
+    with page.expect_navigation():
+        page.click("#bulk-filter-preview")
+    expect(page.locator("#bulk-count")).to_have_attribute("data-count", "3")
+    expect(page.locator("#bulk-sample li")).to_have_count(3)
+    assert {api.order(order_id)["saga"]["state"] for _, order_id in parked} == {"failed"}, (
+        "the count acted on nothing"
+    )
+    page.screenshot(path=str(shots / "admin-bulk-preview.png"), full_page=True)
+
+    with page.expect_navigation() as nav:
+        page.click("#bulk-confirm")
+    assert nav.value is not None and "/admin/operations/" in nav.value.url
+    # The page refreshes itself until every saga has its result.
+    expect(page.locator("#operation-state")).to_have_text("done", timeout=LIVE_MS)
+    expect(page.locator('#operation-items tr[data-status="202"]')).to_have_count(3)
+    page.screenshot(path=str(shots / "admin-operation-done.png"), full_page=True)
+    for _, order_id in parked:
+        assert wait_final(api, order_id)["saga"]["state"] == "compensated"
+    operation_id = nav.value.url.rsplit("/", 1)[1]
+    page.goto("/admin/operations")
+    expect(page.locator(f'#operations tr[data-operation-id="{operation_id}"]')).to_have_count(1)
     assert console.csp_violations() == []

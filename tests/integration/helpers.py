@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +174,9 @@ class LogCursor:
                 raise AssertionError(f"{self.path.name}: {len(found)} of {count} line(s) with "
                                      f"{needles} after {timeout_s}s")
             time.sleep(0.1)
+
+
+def gaps_s(stamps: list[str]) -> list[float]:
+    """Seconds between consecutive ISO timestamps, in time order (a rate bound's evidence)."""
+    times = sorted(datetime.fromisoformat(s) for s in stamps)
+    return [(b - a).total_seconds() for a, b in itertools.pairwise(times)]

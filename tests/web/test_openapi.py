@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -240,6 +241,42 @@ def test_a_return_matches_the_description(client: FlaskClient, checker: Checker)
     checker(client.post(path, json={"reason": "too big"}), "/orders/{order_id}/return", "post")
     checker(client.post(path, json={}), "/orders/{order_id}/return", "post")  # 409
     checker(client.get(f"/orders/{placed['order_id']}", headers=JSON), "/orders/{order_id}")
+
+
+def test_bulk_by_filter_and_its_operations_match_the_description(
+    client: FlaskClient, admin_headers: dict, checker: Checker
+) -> None:
+    from orchestrator.kernel import operations
+
+    h = {**admin_headers, **JSON}
+    since = datetime.now(UTC).isoformat()
+    for _ in range(2):
+        make_stuck(place(client)["saga_id"])
+    wanted = {"state": "stuck", "created_after": since}
+    bulk, one = "/admin/sagas/bulk", "/admin/operations/{operation_id}"
+    preview = checker(
+        client.post(bulk, headers=h, json={"action": "retry", "filter": wanted, "dry_run": True}),
+        bulk,
+        "post",
+    )
+    assert preview["count"] == 2
+    started = checker(
+        client.post(bulk, headers=h, json={"action": "retry", "filter": wanted, "note": "n"}),
+        bulk,
+        "post",
+    )
+    checker(
+        client.post(bulk, headers=h, json={"action": "retry", "filter": {"reason": "x"}}),
+        bulk,
+        "post",
+    )  # 422
+    checker(client.get("/admin/operations", headers=h), "/admin/operations")
+    checker(client.get("/admin/operations", headers=admin_headers), "/admin/operations")  # HTML
+    checker(client.get(f"/admin/operations/{started['operation_id']}", headers=h), one)
+    operations.run(budget_s=5)
+    done = checker(client.get(f"/admin/operations/{started['operation_id']}", headers=h), one)
+    assert done["state"] == "done" and done["results"] == {"202": 2}
+    checker(client.get(f"/admin/operations/{uuid.uuid4()}", headers=h), one)  # 404
 
 
 def test_every_json_operation_was_exercised(spec: dict[str, Any], checker: Checker) -> None:
