@@ -258,12 +258,23 @@ class ActionIn(_In):
     note: OptionalNote = None
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # null is no array: the description says "absent" instead
+
+
 class BulkIn(_In):
     """POST /admin/sagas/bulk: the sagas by id (each answers at once), or by ``filter`` (a
     recorded operation that acts at a bounded rate, or with ``dry_run`` only counts them)."""
 
     action: Literal["retry", "compensate"]
-    saga_ids: Annotated[list[str], Field(min_length=1, max_length=MAX_BULK)] | None = None
+    # Described as the array it is when sent (absent when a filter is): the limits stay visible.
+    saga_ids: Annotated[
+        Annotated[list[str], Field(min_length=1, max_length=MAX_BULK)] | None,
+        WithJsonSchema(
+            {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_BULK}
+        ),
+        Field(json_schema_extra=_no_default),
+    ] = None
     filter: BulkFilter | None = None
     dry_run: Annotated[
         bool, Field(description="with a filter: count and sample the sagas, act on none")
