@@ -39,7 +39,8 @@ def replicas_argument(replicas: int | None) -> dict[str, int]:
     return {} if replicas is None else {"x-quorum-initial-group-size": replicas}
 
 
-def _service_queue(name: str, replicas: int | None) -> Queue:
+def service_queue(name: str, replicas: int | None) -> Queue:
+    """A work queue as the services' are: quorum, dead-lettering into ``<name>.dead``."""
     return Queue(
         name,
         TASK_EXCHANGE,
@@ -57,7 +58,7 @@ def _service_queue(name: str, replicas: int | None) -> Queue:
     )
 
 
-def _dead_letter_queue(name: str, replicas: int | None) -> Queue:
+def dead_letter_queue(name: str, replicas: int | None) -> Queue:
     dead = dead_letter_queue_name(name)
     return Queue(
         dead,
@@ -71,13 +72,13 @@ def _dead_letter_queue(name: str, replicas: int | None) -> Queue:
 def service_queues() -> dict[str, Queue]:
     """The task queues, with the configured replica count."""
     replicas = settings().queue_replicas
-    return {name: _service_queue(name, replicas) for name in service_queue_names()}
+    return {name: service_queue(name, replicas) for name in service_queue_names()}
 
 
 def dead_letter_queues() -> dict[str, Queue]:
     """Not in Celery's task_queues: only the orchestrator's dead-letter intake consumes these."""
     replicas = settings().queue_replicas
-    return {name: _dead_letter_queue(name, replicas) for name in service_queue_names()}
+    return {name: dead_letter_queue(name, replicas) for name in service_queue_names()}
 
 
 def queue_for_task(task_name: str) -> str:

@@ -4,20 +4,20 @@ what it acks, what it rejects alone, and what it reruns."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 from kombu import Connection, Producer, Queue
 from sqlalchemy.exc import OperationalError
 
-from orchestrator.messaging import batches
-from orchestrator.messaging.topology import DEAD_LETTER_EXCHANGE, TASK_EXCHANGE
+from orchestrator.messaging import batches, outbox
+from orchestrator.messaging.topology import TASK_EXCHANGE, dead_letter_queue, service_queue
 from orchestrator.ops.config import settings
 from tests.integration.test_crashes import wait_until
 
@@ -59,18 +59,7 @@ def queues(sandbox: object) -> Iterator[Queues]:
     """A work queue (quorum, dead-lettering into its own dead queue) and a queue for what the
     batches publish; deleted afterwards."""
     name = f"batchtest-{uuid.uuid4().hex[:8]}"
-    dead = Queue(f"{name}.dead", DEAD_LETTER_EXCHANGE, routing_key=f"{name}.dead", durable=True)
-    work = Queue(
-        name,
-        TASK_EXCHANGE,
-        routing_key=name,
-        durable=True,
-        queue_arguments={
-            "x-queue-type": "quorum",
-            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name,
-            "x-dead-letter-routing-key": dead.name,
-        },
-    )
+    work, dead = service_queue(name, None), dead_letter_queue(name, None)  # as a service's
     out = Queue(f"{name}.out", TASK_EXCHANGE, routing_key=f"{name}.out", durable=True)
     with Connection(settings().broker_url) as conn:
         for queue in (dead, work, out):
@@ -164,13 +153,10 @@ def test_a_transient_error_reruns_the_batch_and_outcome_is_published_before_the_
         calls.append(len(deliveries))
         if len(calls) == 1:
             raise OperationalError("SELECT 1", {}, Exception("connection lost"))
-        row = Row(
-            message_id=uuid.uuid4(),
-            task="test.out",
-            queue=queues.out.name,
-            headers={},
-            envelope={"type": "test.out", "of": deliveries[0].args[0]},
-        )
+        envelope = {"type": "test.out", "saga_id": uuid.uuid4(), "request_id": uuid.uuid4(),
+                    "of": deliveries[0].args[0]}
+        command = outbox.row("payment.charge", envelope)
+        row = dataclasses.replace(command, task="test.out", queue=queues.out.name, headers={})
         return batches.Outcome(
             publish=[row], after_publish=lambda: order.append(f"out={queues.depth(queues.out)}")
         )
@@ -184,13 +170,3 @@ def test_a_transient_error_reruns_the_batch_and_outcome_is_published_before_the_
     assert order == ["out=1"]  # confirmed on the out queue before the ack
     assert queues.depth(queues.dead) == 0
 
-
-@dataclass
-class Row:
-    """What ``outbox.to_wire`` reads."""
-
-    message_id: uuid.UUID
-    task: str
-    queue: str
-    headers: dict[str, Any]
-    envelope: dict[str, Any]
