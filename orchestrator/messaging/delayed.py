@@ -15,6 +15,8 @@ from typing import Any
 from celery.worker.consumer.delayed_delivery import DelayedDelivery
 from kombu.utils.url import maybe_sanitize_url
 
+from orchestrator.messaging.topology import declare_all
+
 log = logging.getLogger(__name__)
 
 ROUNDS = 3  # over every node, before giving up as Celery's own step does
@@ -22,6 +24,13 @@ ROUNDS = 3  # over every node, before giving up as Celery's own step does
 
 class ClusterDelayedDelivery(DelayedDelivery):
     def start(self, c: Any) -> None:
+        # Celery binds every task queue to its delay exchanges here, and a queue that does not
+        # exist yet fails the whole setup (then a countdown's message is lost). Celery's own
+        # consumer used to declare the worker's queue first; a batched queue is left to its batch
+        # consumer (batches.py), so every queue is declared here, before the bindings.
+        with c.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=3)
+            declare_all(conn.default_channel)
         urls = self._validate_broker_urls(c.app.conf.broker_url)
         if len(urls) == 1:
             super().start(c)  # one broker: Celery's retries as they are
