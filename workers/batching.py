@@ -27,6 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from orchestrator.messaging import batches
 from orchestrator.messaging.celery_app import app
 from orchestrator.messaging.envelopes import PoisonMessage, make_reply, parse_command
+from orchestrator.ops import process_metrics
 from orchestrator.ops.config import settings
 from workers import faults, limits
 from workers.applying import (
@@ -72,6 +73,9 @@ def handle(deliveries: list[batches.Delivery]) -> batches.Outcome:
     for delivery, incoming in faulted:
         if not _held(delivery, incoming):
             _settle(outcome, delivery, _after_hang(delivery, incoming))
+    replies = [m.task for m in outcome.publish]
+    # Counted as a reply sent through Celery is (after_task_publish): the same messages.
+    outcome.after_publish = lambda: process_metrics.count_sent(replies)
     return outcome
 
 

@@ -78,7 +78,7 @@ def _task_finished(
 def _sent(sender: str | None = None, **_: object) -> None:
     from orchestrator.ops import process_metrics
 
-    process_metrics.CELERY_SENT.labels(sender or "unknown").inc()
+    process_metrics.count_sent([sender or "unknown"])
 
 
 def _our_logging(**_: object) -> None:

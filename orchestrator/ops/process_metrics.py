@@ -54,7 +54,10 @@ TASKS_ACTIVE = Gauge(
     "saga_worker_tasks_active", "Celery tasks running now", multiprocess_mode="livesum"
 )
 CELERY_SENT = Counter(
-    "saga_celery_sent", "Messages sent through Celery (replies, beat's ticks), by task", ["task"]
+    "saga_celery_sent",
+    "Task messages a process sent of its own (replies, through Celery or a participant's batch"
+    " consumer; beat's ticks), by task",
+    ["task"],
 )
 PUBLISH_DURATION = Histogram(
     "saga_publish_duration_seconds",
@@ -212,6 +215,12 @@ def task_finished(task_id: str | None, task_name: str, state: str | None) -> Non
 
 
 # ---------------------------------------------------------------- batches
+
+
+def count_sent(tasks: list[str]) -> None:
+    """Task messages sent (and confirmed) outside Celery's send_task, e.g. a batch's replies."""
+    for task in tasks:
+        CELERY_SENT.labels(task).inc()
 
 
 def observe_batch(queue: str, size: int) -> None:
