@@ -25,10 +25,15 @@ def _order(session: Session, payload: OrderPayload) -> Order:
     return order
 
 
+_CONFIRMED_OR_AFTER = (OrderStatus.CONFIRMED, OrderStatus.RETURNING, OrderStatus.RETURNED)
+
+
 @participant("orders.confirm", prepare=stock.lock_for)
 def confirm(session: Session, command: Command, payload: OrderPayload) -> Result:
     order = _order(session, payload)
-    if order.status is OrderStatus.CONFIRMED:
+    # Confirmed, or past it: a return may start as soon as the order is confirmed, before this
+    # command's reply is applied, so a redelivered confirm can find the order returning.
+    if order.status in _CONFIRMED_OR_AFTER:
         return Result(True)
     reservation = session.get(Reservation, command.saga_id, with_for_update=True)
     if (

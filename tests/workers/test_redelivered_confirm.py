@@ -1,0 +1,40 @@
+"""A redelivered orders.confirm after a return already started: the confirm took effect, so it is
+replayed as a success, never refused (seen in a chaos run: the order saga compensated a
+confirmed order, and the return then found no sold stock)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+import workers.inventory
+import workers.orders  # noqa: F401  (registers the order handlers)
+from models.db import transaction
+from orchestrator.messaging.envelopes import OrderPayload, ReplyOutcome, parse_command
+from orchestrator.sagas.placing import NewOrder, place_order
+from tests.integration.helpers import make_product
+from tests.workers.test_batches import RETRY, command, outcomes
+from workers.applying import Incoming, apply_batch
+
+
+def test_a_confirm_redelivered_while_the_order_is_returning_replays_its_success() -> None:
+    sku = make_product(stock=3)
+    placed = place_order(NewOrder("c-redeliver", [(sku, 1)], "tok_visa"))
+    with transaction() as session:
+        envelope = session.scalar(
+            sa.text("SELECT envelope FROM outbox WHERE saga_id = :s AND task = 'inventory.reserve'"),
+            {"s": placed.saga_id},
+        )
+    assert outcomes(apply_batch([Incoming(parse_command(envelope))])) == [("succeeded", None)]
+    confirm = command(
+        "orders.confirm", OrderPayload(order_id=placed.order_id, retry=RETRY), placed.saga_id
+    )
+    assert outcomes(apply_batch([confirm])) == [("succeeded", None)]
+    with transaction() as session:  # what the web's return does, in its own transaction
+        session.execute(
+            sa.text("UPDATE orders SET status = 'returning' WHERE id = :o"), {"o": placed.order_id}
+        )
+    [again] = apply_batch([confirm])  # the same command, redelivered
+    assert again.reply is not None and again.reply.outcome is ReplyOutcome.SUCCEEDED, again
+    with transaction() as session:
+        sold = session.scalar(sa.text("SELECT sold FROM products WHERE sku = :s"), {"s": sku})
+    assert sold == 1  # moved once
