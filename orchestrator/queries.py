@@ -185,8 +185,10 @@ def list_sagas(
     q: str | None,
     cursor: Cursor | None,
     definition: str | None = None,
+    held: bool | None = None,
 ) -> tuple[list[dict[str, Any]], Cursor | None]:
-    """Newest first, PAGE_SIZE a page, keyset-paginated on (created_at, id)."""
+    """Newest first, PAGE_SIZE a page, keyset-paginated on (created_at, id). ``held``: only the
+    sagas whose command waits for a paused service (True) or only the others (False)."""
     current = (
         sa.select(SagaStep.name)
         .where(SagaStep.saga_id == Saga.id, SagaStep.idx == Saga.current_step)
@@ -199,6 +201,8 @@ def list_sagas(
         query = query.where(Saga.state == SagaState(state))
     if definition:
         query = query.where(Saga.definition == definition)
+    if held is not None:
+        query = query.where(Saga.held_since.is_not(None) if held else Saga.held_since.is_(None))
     if q:
         try:
             ident = uuid.UUID(q.strip())
@@ -220,6 +224,7 @@ def list_sagas(
             "definition_version": saga.definition_version,
             "state": saga.state.value,
             "stuck": (not saga.state.final) and deadline is not None and deadline < now,
+            "held": saga.held_since is not None,
             "current_step": name,
             "reason": saga.reason.value if saga.reason else None,
             "created_at": _iso(saga.created_at),

@@ -73,7 +73,7 @@ def _authorized() -> str | None:
 
 
 @bp.before_request
-def _require_admin() -> None:
+def require_admin() -> None:
     user = _authorized()
     if user is None:
         raise ApiError(
@@ -128,7 +128,8 @@ def sagas() -> Response | str:
         except ValueError as exc:
             raise ApiError(400, "invalid_cursor", "the cursor is not valid") from exc
     with transaction() as session:
-        items, next_cursor = queries.list_sagas(session, state, q, cursor, definition)
+        held = None if query.held is None else query.held == "true"
+        items, next_cursor = queries.list_sagas(session, state, q, cursor, definition, held)
         counts = queries.counts(session)
         customers = _customers(session, items) if not wants_json() else {}
     next_token = next_cursor.encode() if next_cursor else None

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models.db import is_retryable, run_in_transaction
+from orchestrator.kernel import holds
 from orchestrator.kernel.machine import RetryPolicy
 from orchestrator.messaging.celery_app import app
 from orchestrator.messaging.envelopes import (
@@ -102,6 +103,12 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
         except Exception as exc:
             if not _is_transient(exc):
                 raise
+            if _held_now(command):  # issue 12: its service is paused; it waits, not retries
+                log.warning("attempt %d failed while its service is paused: held (%s)", attempt, exc)
+                send_reply(command, attempt, ReplyPayload(
+                    outcome=ReplyOutcome.RETRYING, error=f"{type(exc).__name__}: {exc}"[:500],
+                    held=True))
+                return "held"
             if tries >= payload.retry.attempts:
                 log.error("attempt %d failed, no attempts left (dead-lettering): %s", attempt, exc)
                 raise
@@ -131,6 +138,15 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
             "attempt %d %s%s", attempt, outcome.value, f" ({', '.join(notes)})" if notes else ""
         )
         return outcome.value
+
+
+def _held_now(command: Command) -> bool:
+    """Would the orchestrator hold this command now (orchestrator/kernel/holds.py decides)?"""
+    kind = holds.kind_of(command.type, command.step)
+    try:
+        return run_in_transaction(lambda s: holds.held(s, command.type, kind) is not None)
+    except DBAPIError:
+        return False  # the database is what failed: retry as usual
 
 
 def _retry_later(task: Task, delay: float) -> Exception:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, joinedload
 from models.enums import CompensationStatus, Reason, SagaState, StepStatus
 from models.sagas import Phase, PhaseKind, Saga, SagaEvent, SagaStep
 from orchestrator import registry
+from orchestrator.kernel import breaker, holds
 from orchestrator.kernel.machine import (
     CompensationParked,
     CompensationSucceeded,
@@ -351,7 +352,11 @@ def _dispatch(
     reg: Registered,
     dispatches: list[Dispatch],
     now: datetime,
+    *,
+    probe: bool = False,
 ) -> None:
+    """Write each command to the outbox; a command whose service is paused is held instead
+    (``probe``: the breaker's one command let through while half open)."""
     definition = reg.definition
     for d in dispatches:
         row = saga.steps[d.index]
@@ -361,15 +366,8 @@ def _dispatch(
         if d.fresh or phase.request_id is None:
             phase.request_id = uuid.uuid4()
             phase.started_at = phase.started_at or now
-        phase.attempts += 1
-        record(
-            session,
-            saga,
-            E(f"{phase.event_prefix}.dispatched"),
-            step=command,
-            attempt=phase.attempts,
-        )
-        row.deadline_at = now + timedelta(seconds=step_timeout_s(definition, d.index))
+        hold = None if probe else holds.held(session, command, d.kind)
+        attempt = phase.attempts + 1
         payload: CommandPayload = reg.build_payload(  # type: ignore[assignment]
             command,
             saga.context,
@@ -382,9 +380,26 @@ def _dispatch(
             saga_id=saga.id,
             request_id=phase.request_id,
             step=row.name,
-            attempt=phase.attempts,
+            attempt=attempt,
             payload=payload,
         )
+        if hold is not None:
+            # Not an attempt and no deadline: the release dispatches it anew (release.py).
+            record(session, saga, E.STEP_HELD, step=command, detail=hold.describe(), actor=hold.by)
+            row.deadline_at = None
+            saga.held_since = saga.held_since or now
+            outbox.enqueue(session, command, envelope, held=True)
+            continue
+        phase.attempts = attempt
+        record(
+            session,
+            saga,
+            E(f"{phase.event_prefix}.dispatched"),
+            step=command,
+            attempt=phase.attempts,
+        )
+        row.deadline_at = now + timedelta(seconds=step_timeout_s(definition, d.index))
+        saga.held_since = None
         outbox.enqueue(session, command, envelope)
 
 
@@ -402,8 +417,11 @@ def on_reply(
     error: str | None = None,
     retry_in_s: float | None = None,
     sent_at: datetime | None = None,
+    held: bool = False,
 ) -> str:
-    """Apply one participant reply to a locked saga. Returns what happened, for the log."""
+    """Apply one participant reply to a locked saga. Returns what happened, for the log.
+    ``held``: the attempt failed transiently while its service was paused; it waits again."""
+    breaker.observe(command, outcome, held=held)
     definition = registered_of(saga).definition
     index, kind = definition.by_command(command)
     phase = saga.steps[index].phase(kind)
@@ -424,6 +442,9 @@ def on_reply(
         return "ignored (not awaited: late or duplicate)"
     now = utcnow()
     phase.attempts = max(phase.attempts, attempt)
+    if outcome is ReplyOutcome.RETRYING and held:
+        _hold_again(session, saga, index, kind, command, attempt, error, now)
+        return "held (its service is paused)"
     if outcome is ReplyOutcome.RETRYING:
         _record_retry(session, saga, phase.event_prefix, command, attempt, error, delay)
         phase.error = error
@@ -451,6 +472,37 @@ def on_reply(
             event = CompensationParked(index)
     transition(session, saga, event, now)
     return f"{outcome.value}: saga {saga.state.value}"
+
+
+def _hold_again(
+    session: Session,
+    saga: Saga,
+    index: int,
+    kind: PhaseKind,
+    command: str,
+    attempt: int,
+    error: str | None,
+    now: datetime,
+) -> None:
+    """An attempt that failed while its service was paused goes back to the held set: the
+    failure is history, the attempt is given back to the budget, and the dispatch decides (held,
+    or sent if the service was resumed meanwhile)."""
+    phase = saga.steps[index].phase(kind)
+    record(session, saga, E(f"{phase.event_prefix}.failed"), step=command, attempt=attempt,
+           detail=error)
+    phase.error = error
+    phase.attempts_base = min(phase.attempts, phase.attempts_base + 1)
+    dispatch_again(session, saga, index, kind, now)
+    saga.updated_at = now
+
+
+def dispatch_again(
+    session: Session, saga: Saga, index: int, kind: PhaseKind, now: datetime, *, probe: bool = False
+) -> None:
+    """Send the step's action (or compensation) again on its current request: a held command
+    released, or put back (held again when its service is still paused)."""
+    reg = registered_of(saga)
+    _dispatch(session, saga, reg, [Dispatch(index, kind, fresh=False)], now, probe=probe)
 
 
 def _record_retry(
@@ -583,8 +635,9 @@ def operator_action(
 
 
 def on_deadline(session: Session, saga: Saga, now: datetime) -> str | None:
-    """The sweeper's move for a saga past a deadline: re-send within the budget, else give up."""
-    if saga.state.final:
+    """The sweeper's move for a saga past a deadline: re-send within the budget, else give up.
+    A held saga has no deadline running (its service is paused)."""
+    if saga.state.final or saga.held_since is not None:
         return None
     reg = registered_of(saga)
     index = saga.current_step

@@ -12,7 +12,7 @@ from models.db import run_in_transaction, transaction
 from models.enums import SagaState
 from models.outbox import OutboxMessage
 from models.sagas import Saga, SagaStep
-from orchestrator.kernel import engine
+from orchestrator.kernel import engine, release
 from orchestrator.messaging import outbox
 from orchestrator.ops import process_metrics
 from orchestrator.ops.config import settings
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 class SweepReport:
     sagas_acted_on: int = 0
     outbox_relayed: int = 0
+    probes: int = 0  # held commands let through to a half-open service
 
 
 def overdue_saga_ids(limit: int = 500) -> list[uuid.UUID]:
@@ -36,8 +37,9 @@ def overdue_saga_ids(limit: int = 500) -> list[uuid.UUID]:
             .where(Saga.state.in_([SagaState.RUNNING, SagaState.COMPENSATING]))
             .where(SagaStep.deadline_at < now)
         )
+        # A held saga's deadline moves on when it is released (orchestrator/kernel/release.py).
         saga_overdue = sa.select(Saga.id).where(
-            Saga.state == SagaState.RUNNING, Saga.deadline_at < now
+            Saga.state == SagaState.RUNNING, Saga.deadline_at < now, Saga.held_since.is_(None)
         )
         return list(session.scalars(sa.union(step_overdue, saga_overdue).limit(limit)))
 
@@ -63,7 +65,7 @@ def relay_stale_outbox() -> int:
         stale = session.scalar(
             sa.select(sa.func.count())
             .select_from(OutboxMessage)
-            .where(OutboxMessage.sent_at.is_(None))
+            .where(*outbox.UNSENT)
             .where(
                 OutboxMessage.created_at
                 < sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, age)
@@ -90,6 +92,7 @@ def sweep() -> SweepReport:
         for saga_id in overdue_saga_ids():
             report.sagas_acted_on += _act(saga_id)
         report.outbox_relayed = relay_stale_outbox()
+        report.probes = release.sweep_holds()
     process_metrics.SWEEPS.inc()
     process_metrics.SWEEP_ACTIONS.labels("deadline").inc(report.sagas_acted_on)
     process_metrics.SWEEP_ACTIONS.labels("outbox").inc(report.outbox_relayed)

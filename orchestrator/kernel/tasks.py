@@ -61,6 +61,7 @@ def reply(self: Task, envelope: Any) -> str:
                 error=body.error or body.reason,
                 retry_in_s=body.retry_in_s,
                 sent_at=msg.sent_at,
+                held=body.held,  # issue 12: a transient failure while the service is paused
             )
 
         result = run_in_transaction(work)

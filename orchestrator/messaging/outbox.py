@@ -54,8 +54,9 @@ class _Row:
     envelope: dict[str, Any]
 
 
-def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
-    """Add a command to the outbox in the caller's transaction."""
+def enqueue(session: Session, task: str, envelope: dict[str, Any], *, held: bool = False) -> None:
+    """Add a command to the outbox in the caller's transaction. A ``held`` one (its service is
+    paused: orchestrator/kernel/holds.py) stays unsent: no fast path, no relay, no sweeper."""
     row = _Row(
         message_id=uuid.uuid4(),
         task=task,
@@ -64,19 +65,27 @@ def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
         envelope=envelope,
     )
     session.execute(
-        sa.insert(_TABLE).values(**vars(row), saga_id=uuid.UUID(str(envelope["saga_id"])))
+        sa.insert(_TABLE).values(
+            **vars(row),
+            saga_id=uuid.UUID(str(envelope["saga_id"])),
+            held_at=sa.func.now() if held else None,
+        )
     )
+    if held:
+        return
     if fastpath.enabled():
         session.info.setdefault(fastpath.PENDING_KEY, []).append(row)
     else:
         session.execute(sa.select(sa.func.pg_notify(CHANNEL, "")))
 
 
+# Rows waiting to be published: held ones wait for their service instead (not a backlog, no lag).
+UNSENT = (OutboxMessage.sent_at.is_(None), OutboxMessage.held_at.is_(None))
+
+
 def backlog(session: Session, limit: int) -> int:
     """Unsent rows, counted up to ``limit + 1`` so the check stays cheap when the backlog is huge."""
-    unsent = (
-        sa.select(sa.literal(1)).where(OutboxMessage.sent_at.is_(None)).limit(limit + 1).subquery()
-    )
+    unsent = sa.select(sa.literal(1)).where(*UNSENT).limit(limit + 1).subquery()
     return int(session.scalar(sa.select(sa.func.count()).select_from(unsent)) or 0)
 
 
@@ -84,7 +93,7 @@ def oldest_unsent_age_s(session: Session) -> float:
     age = session.scalar(
         sa.select(
             sa.func.extract("epoch", sa.func.now() - sa.func.min(OutboxMessage.created_at))
-        ).where(OutboxMessage.sent_at.is_(None))
+        ).where(*UNSENT)
     )
     return float(age or 0.0)
 
@@ -227,7 +236,7 @@ def relay_once(session: Session, publisher: ConfirmingPublisher, min_age_s: floa
     c = _TABLE.c
     query = (
         sa.select(c.id, c.message_id, c.task, c.queue, c.headers, c.envelope, c.created_at)
-        .where(c.sent_at.is_(None))
+        .where(c.sent_at.is_(None), c.held_at.is_(None))
         .order_by(c.id)
         .limit(BATCH)
         .with_for_update(skip_locked=True)

@@ -242,6 +242,20 @@ def test_a_return_matches_the_description(client: FlaskClient, checker: Checker)
     checker(client.get(f"/orders/{placed['order_id']}", headers=JSON), "/orders/{order_id}")
 
 
+def test_service_answers_match_the_description(
+    client: FlaskClient, admin_headers: dict, checker: Checker
+) -> None:
+    h = {**admin_headers, **JSON}
+    pause, resume = "/admin/services/{service}/pause", "/admin/services/{service}/resume"
+    checker(client.get("/admin/services", headers=h), "/admin/services")
+    checker(client.get("/admin/services", headers=admin_headers), "/admin/services")
+    checker(client.post("/admin/services/orders/pause", json={}, headers=h), pause, "post")
+    checker(client.post("/admin/services/orders/pause", json={}, headers=h), pause, "post")  # 409
+    checker(client.post("/admin/services/nosuch/pause", json={}, headers=h), pause, "post")
+    checker(client.post("/admin/services/orders/resume", json={}, headers=h), resume, "post")
+    checker(client.post("/admin/services/orders/resume", json={}, headers=h), resume, "post")
+
+
 def test_every_json_operation_was_exercised(spec: dict[str, Any], checker: Checker) -> None:
     """Runs last in this module: each described JSON success answer was checked for real."""
     for path, operations in spec["paths"].items():
