@@ -36,7 +36,7 @@ from orchestrator.kernel.machine import NotApplicable
 from orchestrator.messaging import deadletters
 from web import presenters
 from web.errors import ApiError, wants_json
-from web.http import is_json, posted_fields
+from web.http import accepted, is_json, posted_fields
 from web.schemas import (
     ActionIn,
     ActionResult,
@@ -284,11 +284,8 @@ def _letter_route(verb: str, act: Callable[[int, str], None]) -> Callable[[int],
             raise ApiError(404, "not_found", "no such dead letter") from exc
         except deadletters.DeadLetterResolved as exc:
             raise ApiError(409, "not_applicable", str(exc)) from exc
-        if is_json():
-            response = jsonify(dump(LetterActionResult(id=letter_id, state=verb)))  # type: ignore[arg-type]
-            response.status_code = 202
-            return response
-        return redirect(url_for("admin.dead_letters"), code=303)  # type: ignore[return-value]
+        result = LetterActionResult(id=letter_id, state=verb)  # type: ignore[arg-type]
+        return accepted(result, url_for("admin.dead_letters"))
 
     view.__name__ = f"dead_letter_{verb}"
     return view

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, redirect, render_template, url_for
+from flask import Blueprint, Response, g, jsonify, render_template, url_for
 
 from models.db import transaction
 from orchestrator.kernel import service_states
@@ -18,7 +18,7 @@ from orchestrator.ops import process_metrics
 from orchestrator.ops.config import settings
 from web import admin
 from web.errors import ApiError, wants_json
-from web.http import is_json, posted_fields
+from web.http import accepted, is_json, posted_fields
 from web.schemas import ServiceActionResult, ServiceList, ServicePauseIn, ServiceResumeIn, dump
 from web.validation import Invalid, validate
 
@@ -101,11 +101,8 @@ def _route(verb: str, act: Callable[[Any, str, Any], None]) -> Callable[[str], R
             raise ApiError(409, "not_applicable", str(exc)) from exc
         if verb == "resume":
             service_states.kick(service)
-        if is_json():
-            response = jsonify(dump(ServiceActionResult(service=service, state=state)))  # type: ignore[arg-type]
-            response.status_code = 202
-            return response
-        return redirect(url_for("services.services"), code=303)  # type: ignore[return-value]
+        result = ServiceActionResult(service=service, state=state)  # type: ignore[arg-type]
+        return accepted(result, url_for("services.services"))
 
     view.__name__ = f"service_{verb}"
     return view

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import requests
 import sqlalchemy as sa
 
 from models.catalog import Product
@@ -172,3 +173,13 @@ class LogCursor:
                 raise AssertionError(f"{self.path.name}: {len(found)} of {count} line(s) with "
                                      f"{needles} after {timeout_s}s")
             time.sleep(0.1)
+
+
+def admin_session() -> requests.Session:
+    """HTTP Basic as the admin, asking for JSON: what an operator's script uses."""
+    from orchestrator.ops.config import settings
+
+    session = requests.Session()
+    session.auth = (settings().admin_user, settings().admin_password.get_secret_value())
+    session.headers["Accept"] = "application/json"
+    return session

@@ -7,6 +7,8 @@ breaker within reach (the session's runs keep it out of reach); both are put bac
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -18,11 +20,13 @@ import sqlalchemy as sa
 
 from models.db import transaction
 from orchestrator.ops.config import settings
+from orchestrator.ops.processes import sagactl
 from orchestrator.proof.client import Api
 from orchestrator.proof.harness import Processes
 from tests.conftest import TEST_TIMINGS
 from tests.integration.helpers import (
     LogCursor,
+    admin_session,
     describe,
     make_product,
     order_body,
@@ -52,10 +56,7 @@ def breaker_orchestrator(system: Processes) -> Iterator[None]:
 
 @pytest.fixture
 def admin(system: Processes) -> requests.Session:
-    session = requests.Session()
-    session.auth = (settings().admin_user, settings().admin_password.get_secret_value())
-    session.headers["Accept"] = "application/json"
-    return session
+    return admin_session()
 
 
 def service(admin: requests.Session, system: Processes, name: str) -> dict[str, Any]:
@@ -79,6 +80,13 @@ def wait_until(what: str, check: Any, timeout_s: float = 60) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout_s}s: {what}")
         time.sleep(0.2)
+
+
+def fresh_window(admin: requests.Session, system: Processes) -> None:
+    """A clean breaker window for payment (a resume starts one): the earlier tests' calls must
+    neither dilute this test's nor slide out of the window under it."""
+    act(admin, system, "payment", "pause")
+    act(admin, system, "payment", "resume")
 
 
 def saga_rows(saga_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -192,6 +200,7 @@ def test_declined_cards_never_open_the_breaker(
     api: Api, admin: requests.Session, system: Processes
 ) -> None:
     sku = make_product(stock=40)
+    fresh_window(admin, system)
     start = service(admin, system, "payment")["calls"]
     placed = [place(api, order_body(sku, token="tok_chargeDeclined")) for _ in range(12)]
     finals = api.wait_final([p["order_id"] for p in placed], timeout_s=60)
@@ -206,9 +215,7 @@ def test_breaker_opens_on_transient_failures_holds_later_orders_and_closes_after
     api: Api, admin: requests.Session, system: Processes
 ) -> None:
     sku = make_product(stock=60)
-    # A clean window (a resume starts one): the earlier tests' calls must not dilute this one's.
-    act(admin, system, "payment", "pause")
-    act(admin, system, "payment", "resume")
+    fresh_window(admin, system)
     mark = last_audit_id()
     failing = [place(api, order_body(sku, faults={"payment.charge": "always"})) for _ in range(8)]
     wait_until("the breaker open", lambda: service(admin, system, "payment")["state"]
@@ -238,3 +245,22 @@ def test_breaker_opens_on_transient_failures_holds_later_orders_and_closes_after
     early = api.wait_final([p["order_id"] for p in failing], timeout_s=60)
     assert {v["status"] for v in early.values()} <= {"confirmed", "cancelled"}
     assert service(admin, system, "payment")["state"] == "running"
+
+
+def test_sagactl_service_list_pause_resume_and_their_exit_codes(system: Processes) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(sagactl("service", *args), env=system.box.env(),
+                              capture_output=True, text=True, timeout=120)
+
+    listed = run("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {s["service"] for s in json.loads(listed.stdout)["services"]} == {
+        "inventory", "payment", "orders"}
+    paused = run("pause", "orders", "--note", "from the CLI", "--json")
+    assert paused.returncode == 0 and json.loads(paused.stdout)["state"] == "paused"
+    assert run("pause", "orders").returncode == 1  # already paused
+    assert run("pause", "nosuch").returncode == 2
+    resumed = run("resume", "orders", "--json")
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["state"] == "running"
+    assert run("resume", "orders").returncode == 1
+    assert audit("orders")[-2:] == ["pause", "resume"]
