@@ -660,6 +660,15 @@ def on_deadline(session: Session, saga: Saga, now: datetime) -> str | None:
         return None
     # Attempts of the current budget (an operator retry starts a fresh one).
     attempts = phase.attempts - phase.attempts_base
+    if holds.held(session, command, kind) is not None:
+        # Its service is paused (or its breaker's probe got no answer): the lost attempt is given
+        # back and the command waits again, so an outage never runs a step out of attempts.
+        record(session, saga, E.STEP_TIMED_OUT, step=command, attempt=attempts,
+               detail="no reply before the deadline; held again (its service is paused)")
+        phase.attempts_base = min(phase.attempts, phase.attempts_base + 1)
+        dispatch_again(session, saga, index, kind, now)
+        saga.updated_at = now
+        return "held again"
     if attempts < retry_policy(reg.definition, index, kind).attempts:
         record(
             session,

@@ -18,7 +18,7 @@ from models.services import ServiceAudit, ServiceState
 from orchestrator.kernel import engine, release, service_states
 from orchestrator.messaging.envelopes import ReplyOutcome
 from tests.web.conftest import csrf_token
-from tests.web.drive import answer, body, code, place
+from tests.web.drive import answer, body, code, make_stuck, place
 from web.schemas import MAX_NOTE
 
 JSON = {"Accept": "application/json"}
@@ -190,3 +190,22 @@ def test_a_transient_failure_while_paused_is_held_again_and_not_counted(
         step = saga.steps[2]
         assert step.attempts - step.attempts_base == 0, "the failed attempt is given back"
         assert engine.on_deadline(session, saga, engine.utcnow()) is None
+
+
+def test_an_attempt_lost_while_paused_is_held_again_not_counted(
+    client: FlaskClient, admin_headers: dict
+) -> None:
+    """The breaker's probe (or an attempt in flight at a pause) that gets no reply before its
+    deadline waits again instead of spending the step's budget."""
+    h = {**admin_headers, **JSON}
+    saga_id = place(client)["saga_id"]
+    answer(saga_id, ReplyOutcome.SUCCEEDED)  # payment.charge dispatched (attempt 1)
+    assert client.post("/admin/services/payment/pause", json={}, headers=h).status_code == 202
+    make_stuck(saga_id)
+    with transaction() as session:
+        saga = engine.lock_saga(session, uuid.UUID(saga_id))
+        assert saga is not None
+        assert engine.on_deadline(session, saga, engine.utcnow()) == "held again"
+        step = saga.steps[2]
+        assert step.attempts - step.attempts_base == 0 and step.deadline_at is None
+        assert saga.held_since is not None
