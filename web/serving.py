@@ -1,5 +1,6 @@
 """How gunicorn serves the app (``sagactl web``): its own errors in the contract's JSON shape, and
-its access and error logs masked and escaped like every other log line.
+its access and error logs masked and escaped like every other log line; each worker sets up its
+own tracing once forked.
 
 gunicorn answers some requests before the app sees them (a request line over
 ``limit_request_line``: 414; a header too large or too many: 431; a malformed request: 400) with an
@@ -16,7 +17,9 @@ from typing import Any
 from gunicorn import glogging, util
 from gunicorn.workers.gthread import ThreadWorker
 
-from orchestrator.ops.logs import SafeFormatter
+from orchestrator.ops import tracing
+from orchestrator.ops.config import settings
+from orchestrator.ops.logs import SafeFormatter, setup_logging
 
 # status -> (code, message) for the answers gunicorn gives on its own.
 SERVER_ERRORS: dict[int, tuple[str, str]] = {
@@ -58,7 +61,14 @@ def error_response(status: int) -> bytes:
 
 
 class JsonErrorWorker(ThreadWorker):
-    """gunicorn's gthread worker, answering its own errors in JSON."""
+    """gunicorn's gthread worker, answering its own errors in JSON; its tracing starts in it,
+    after the fork and before it loads the app (gunicorn's master never traces)."""
+
+    def init_process(self) -> None:
+        process = settings().process or "web"
+        setup_logging(process)  # what create_app would do, early enough to log tracing's start
+        tracing.setup(process)
+        super().init_process()  # loads the app and serves
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         captured = _CapturedSocket()

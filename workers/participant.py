@@ -34,6 +34,7 @@ from orchestrator.messaging.envelopes import (
     parse_command,
     trace_headers,
 )
+from orchestrator.ops import tracing
 from orchestrator.ops.logs import log_context
 from workers import faults
 
@@ -68,13 +69,12 @@ def _is_transient(exc: BaseException) -> bool:
 
 def send_reply(command: Command, attempt: int, payload: ReplyPayload) -> None:
     envelope = make_reply(command, attempt, payload)
-    app.send_task(
-        "saga.reply",
-        args=[envelope],
-        headers=trace_headers(
-            {**envelope, "payload": {"order_id": command.typed_payload().business_key}}
-        ),
+    headers = trace_headers(
+        {**envelope, "payload": {"order_id": command.typed_payload().business_key}}
     )
+    attributes = tracing.envelope_attributes(envelope, headers)
+    with tracing.producing(headers, f"reply {envelope['type']}", attributes):
+        app.send_task("saga.reply", args=[envelope], headers=headers)
 
 
 def run(task: Task, envelope: Any, handler: Handler) -> str:
@@ -87,6 +87,7 @@ def run(task: Task, envelope: Any, handler: Handler) -> str:
     tries = task.request.retries + 1  # tries of this dispatch, against its budget
     attempt = command.attempt + task.request.retries  # the step's attempt number, for people
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+    tracing.tag({**tracing.envelope_attributes(envelope), tracing.ATTEMPT: attempt})
     with log_context(
         saga_id=command.saga_id,
         order_id=payload.business_key,

@@ -7,6 +7,10 @@ committed. A reply is applied only if its request id is the one the saga waits f
 
 Generic: a saga is a definition version from the registry, a business key and a context. What a
 state change means for the business happens in the definition's ``on_state`` hook.
+
+Traces: a saga's trace context is kept in its context (``tracing.TRACE_KEY``) from its start, and
+every command is dispatched in a span of that trace, whoever dispatches it (a reply, a sweep, an
+operator), so one saga is one trace (orchestrator/ops/tracing.py).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from orchestrator.messaging.envelopes import (
     RetrySpec,
     make_command,
 )
+from orchestrator.ops import tracing
 from orchestrator.ops.config import settings
 from orchestrator.registry import Registered, TimelineEvent
 
@@ -110,6 +115,8 @@ def start_saga(
     reg = registry.current().latest(definition)
     now = now or utcnow()
     saga_id = uuid.uuid4()
+    # Its trace: the request's that starts it; every command of it joins (see _dispatch).
+    context = {**context, **tracing.saga_trace(saga_id, business_key)}
     snap, dispatches = initial(reg.definition)
     saga = Saga(
         id=saga_id,
@@ -385,7 +392,13 @@ def _dispatch(
             attempt=phase.attempts,
             payload=payload,
         )
-        outbox.enqueue(session, command, envelope)
+        # In the saga's trace even when a sweep or an operator's request sends it.
+        with tracing.span(
+            f"dispatch {command}",
+            tracing.envelope_attributes(envelope),
+            within=saga.context.get(tracing.TRACE_KEY),
+        ):
+            outbox.enqueue(session, command, envelope)
 
 
 # ---------------------------------------------------------------- replies

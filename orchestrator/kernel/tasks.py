@@ -18,7 +18,7 @@ from orchestrator.kernel import engine, sweeper
 from orchestrator.messaging.celery_app import app
 from orchestrator.messaging.deadletters import DeadLetterIntake
 from orchestrator.messaging.envelopes import PoisonMessage, parse_reply
-from orchestrator.ops import failpoints
+from orchestrator.ops import failpoints, tracing
 from orchestrator.ops.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def reply(self: Task, envelope: Any) -> str:
     except PoisonMessage as exc:
         raise Reject(str(exc), requeue=False) from exc
     body = msg.body
+    tracing.tag(tracing.envelope_attributes(envelope, vars(self.request)))  # the run's span
     with log_context(saga_id=msg.saga_id, step=msg.type, request_id=msg.request_id):
 
         def work(session: Any) -> str:

@@ -9,6 +9,8 @@
   queue's delivery limit bounds that loop.
 - confirm_publish: every publish waits for the broker's confirm (quorum queues need it).
 - persistent messages, durable quorum queues, no result backend (replies are messages).
+- traces (orchestrator/ops/tracing.py, with ``OTEL_EXPORTER_OTLP_ENDPOINT``): set up when a worker
+  or beat starts, its exporter made anew in each prefork pool process.
 - task events and remote control (pidbox) only with ``SAGA_CELERY_EVENTS=1``: Flower and
   ``celery inspect`` then see every worker. Off by default: each task then costs no event
   messages, and each worker no control queue.
@@ -20,6 +22,7 @@ from celery import Celery
 from celery.signals import (
     after_task_publish,
     beat_init,
+    celeryd_after_setup,
     setup_logging,
     task_postrun,
     task_prerun,
@@ -132,22 +135,35 @@ def _every_command_has_a_handler(sender: object = None, **_: object) -> None:
         raise SystemExit(f"no handler for {', '.join(missing)} in this worker: add its participant")
 
 
+@celeryd_after_setup.connect
+@beat_init.connect
+def _start_tracing(**_: object) -> None:
+    """Once logging is set up and before the pool forks: the children inherit the
+    instrumentation, not the exporter (see ``_fresh_pool_after_fork``)."""
+    from orchestrator.ops import tracing
+
+    tracing.setup(settings().process or "worker")
+
+
 @worker_process_init.connect
 def _fresh_pool_after_fork(**_: object) -> None:
     from models.db import dispose_after_fork
+    from orchestrator.ops import tracing
 
     dispose_after_fork()
+    tracing.after_fork()
 
 
 @worker_process_shutdown.connect
 def _write_sent_marks(**_: object) -> None:
     """A child leaving cleanly marks what its fast path published (else the relay resends it),
-    and its live gauges stop counting."""
+    its live gauges stop counting, and its spans are exported."""
     from orchestrator.messaging import fastpath
-    from orchestrator.ops import process_metrics
+    from orchestrator.ops import process_metrics, tracing
 
     fastpath.flush()
     process_metrics.mark_exited()
+    tracing.flush()  # a pool process leaves by os._exit: no atexit export
 
 
 @worker_ready.connect

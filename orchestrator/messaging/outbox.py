@@ -6,7 +6,8 @@ sends rows left unsent for longer than ``SAGA_OUTBOX_GRACE_S``; with it off, ``e
 NOTIFY that fires on commit and wakes the relay at once. The relay claims unsent rows under
 ``FOR UPDATE SKIP LOCKED`` (so two relays never publish one row at the same time), publishes them
 as Celery task messages with pipelined publisher confirms, and marks them sent in the same
-transaction. A relay killed after publishing and before its commit leaves the
+transaction. A row's headers keep the ``traceparent`` of the span that dispatched it, so whoever
+publishes it, now or minutes later, does so in a span of the saga's trace (orchestrator/ops/tracing.py). A relay killed after publishing and before its commit leaves the
 rows unsent: they are published again, and the participants' idempotency makes that harmless.
 """
 
@@ -33,7 +34,7 @@ from orchestrator.messaging import fastpath
 from orchestrator.messaging.celery_app import app as celery_app
 from orchestrator.messaging.envelopes import trace_headers
 from orchestrator.messaging.topology import TASK_EXCHANGE, declare_all, queue_for_task
-from orchestrator.ops import failpoints, process_metrics
+from orchestrator.ops import failpoints, process_metrics, tracing
 from orchestrator.ops.config import settings
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
         message_id=uuid.uuid4(),
         task=task,
         queue=queue_for_task(task),
-        headers=trace_headers(envelope),
+        headers={**trace_headers(envelope), **tracing.carrier()},
         envelope=envelope,
     )
     session.execute(
@@ -99,6 +100,8 @@ class _Wire:
     body: bytes
     properties: dict[str, Any]
     routing_key: str
+    task: str = ""
+    attributes: dict[str, Any] | None = None  # its span's (only computed when tracing is on)
 
 
 def to_wire(row: Any) -> _Wire:
@@ -127,6 +130,8 @@ def to_wire(row: Any) -> _Wire:
         body=body if isinstance(body, bytes) else body.encode(),
         properties=properties,
         routing_key=row.queue,
+        task=row.task,
+        attributes=tracing.envelope_attributes(row.envelope),
     )
 
 
@@ -187,8 +192,19 @@ class ConfirmingPublisher:
 
     def publish(self, wires: list[_Wire], timeout_s: float = 10.0) -> None:
         """Publish all, then block until the broker confirmed all; raise if any was refused."""
-        with process_metrics.publishing(self.source, len(wires)):
+        with process_metrics.publishing(self.source, len(wires)), tracing.publishing(
+            (w.properties["application_headers"], f"publish {w.task}", self._span_of(w))
+            for w in wires
+        ):
             self._publish(wires, timeout_s)
+
+    def _span_of(self, wire: _Wire) -> dict[str, Any]:
+        return {
+            **(wire.attributes or {}),
+            tracing.PUBLISHER: self.source,
+            "messaging.system": "rabbitmq",
+            "messaging.destination.name": wire.routing_key,
+        }
 
     def _publish(self, wires: list[_Wire], timeout_s: float) -> None:
         if self._channel is None:

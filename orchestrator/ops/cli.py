@@ -186,6 +186,9 @@ def web(port: int | None, host: str | None, dev: bool) -> None:
     from web import create_app
 
     if dev:
+        from orchestrator.ops import tracing
+
+        tracing.setup("web")
         create_app().run(host=host, port=port, debug=False, threaded=True)
         return
     create_app()  # fail fast (e.g. production without secrets) before forking workers
@@ -255,11 +258,12 @@ def relay() -> None:
     _prepare_metrics("relay")
     from orchestrator.messaging.outbox import run_relay
     from orchestrator.messaging.topology import service_queue_names
-    from orchestrator.ops import process_metrics
+    from orchestrator.ops import process_metrics, tracing
     from orchestrator.ops.logs import setup_logging
 
     _load_registry()
     setup_logging("relay")
+    tracing.setup(settings().process or "relay")
     cfg = settings()
     # The relay's endpoint also answers for the broker's queues (consumers, depth).
     queues = process_metrics.QueueCollector(cfg.broker_url, service_queue_names())
