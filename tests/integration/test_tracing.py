@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.ops.processes import process_table
 from orchestrator.proof.client import Api
 from orchestrator.proof.harness import SHORT_TIMINGS, Processes, Sandbox, sandbox_in_use
 from tests.integration.helpers import make_product, order_body, place, wait_final
@@ -69,7 +70,17 @@ def traced(box: Sandbox, collector: Receiver, artifacts: Path) -> Iterator[Proce
             "OTEL_BSP_SCHEDULE_DELAY": "200",  # the SDK's batch delay: spans within a second
         },
     )
-    procs.start_all()
+    try:
+        for name in process_table():
+            # The web leaves its commands to the relay: the relay's publishes are traced too (it
+            # has no span of its own to hang them on; only the outbox row's header links them).
+            env = {"SAGA_OUTBOX_FAST_PATH": "0"} if name == "web" else {}
+            procs.start(name, wait=False, **env)
+        for name in process_table():
+            procs.wait_ready(name)
+    except BaseException:
+        procs.stop_all()
+        raise
     yield procs
     procs.stop_all()
 
@@ -134,9 +145,12 @@ def test_one_order_is_one_trace_across_every_process_in_order(
     commands = ["inventory.reserve", "payment.charge", "orders.confirm"]
     dispatched = [s.name for s in trace if s.name.startswith("dispatch ")]
     assert dispatched == [f"dispatch {c}" for c in commands]
-    # Each command was published in a span of its own, a child of its dispatch (the writer's
-    # fast path, or the relay after the grace period), and consumed in a child of that.
+    # Each command was published in a span of its own, a child of its dispatch (the relay for
+    # the web's; the orchestrator's fast path, or the relay after the grace period), and
+    # consumed in a child of that.
     by_id = {s.span_id: s for s in trace}
+    first = {s.attributes["saga.publisher"] for s in trace if s.name == "publish inventory.reserve"}
+    assert first == {"relay"}
     for span in trace:
         if span.name.startswith("run/") and span.name != "run/saga.reply":
             publish = by_id[span.parent_id]
