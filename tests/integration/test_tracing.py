@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.ops.processes import process_table
 from orchestrator.proof.client import Api
 from orchestrator.proof.harness import SHORT_TIMINGS, Processes, Sandbox, sandbox_in_use
 from tests.integration.helpers import make_product, order_body, place, wait_final
@@ -70,17 +69,9 @@ def traced(box: Sandbox, collector: Receiver, artifacts: Path) -> Iterator[Proce
             "OTEL_BSP_SCHEDULE_DELAY": "200",  # the SDK's batch delay: spans within a second
         },
     )
-    try:
-        for name in process_table():
-            # The web leaves its commands to the relay: the relay's publishes are traced too (it
-            # has no span of its own to hang them on; only the outbox row's header links them).
-            env = {"SAGA_OUTBOX_FAST_PATH": "0"} if name == "web" else {}
-            procs.start(name, wait=False, **env)
-        for name in process_table():
-            procs.wait_ready(name)
-    except BaseException:
-        procs.stop_all()
-        raise
+    # The web leaves its commands to the relay: the relay's publishes are traced too (it has no
+    # span of its own to hang them on; only the outbox row's header links them).
+    procs.start_all(env={"web": {"SAGA_OUTBOX_FAST_PATH": "0"}})
     yield procs
     procs.stop_all()
 
