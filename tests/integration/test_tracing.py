@@ -132,21 +132,27 @@ def test_one_order_is_one_trace_across_every_process_in_order(
     for span in trace:
         if span.name.startswith(("run/", "dispatch ")) and span.name != "run/saga.reply":
             assert span.attributes["saga.business_key"] == placed["order_id"], span
-            assert span.attributes["saga.attempt"] == 1, span
+            assert span.attributes["saga.attempt"] >= 1, span
+    # Each command dispatched in the saga's trace, attempt 1 first (a loaded machine may pass a
+    # step's deadline: the sweep's re-send, attempt 2, joins the same trace).
     commands = ["inventory.reserve", "payment.charge", "orders.confirm"]
-    dispatched = [s.name for s in trace if s.name.startswith("dispatch ")]
-    assert dispatched == [f"dispatch {c}" for c in commands]
+    dispatches = [s for s in trace if s.name.startswith("dispatch ")]
+    firsts: dict[str, int] = {}
+    for span in dispatches:
+        firsts.setdefault(span.name, span.attributes["saga.attempt"])
+    assert firsts == {f"dispatch {c}": 1 for c in commands}
+    assert list(firsts) == [f"dispatch {c}" for c in commands]
     # Each command was published in a span of its own, a child of its dispatch (the relay for
-    # the web's; the orchestrator's fast path, or the relay after the grace period), and
-    # consumed in a child of that.
+    # the web's; the orchestrator's fast path, or the relay or sweeper after the grace period),
+    # and consumed in a child of that.
     by_id = {s.span_id: s for s in trace}
     first = {s.attributes["saga.publisher"] for s in trace if s.name == "publish inventory.reserve"}
-    assert first == {"relay"}
+    assert first and first <= {"relay", "sweeper"}  # the web has no fast path here
     for span in trace:
         if span.name.startswith("run/") and span.name != "run/saga.reply":
             publish = by_id[span.parent_id]
             assert publish.name == f"publish {span.attributes['saga.command']}", publish
-            assert publish.attributes["saga.publisher"] in ("fast_path", "relay"), publish
+            assert publish.attributes["saga.publisher"] in ("fast_path", "relay", "sweeper")
             assert by_id[publish.parent_id].name.startswith("dispatch "), publish
 
     # The trace id is in the log lines of the saga's work, in every process.
