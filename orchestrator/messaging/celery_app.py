@@ -88,6 +88,10 @@ def celery_settings(cfg: Settings) -> dict[str, Any]:
 
 def configure(app: Celery, cfg: Settings) -> Celery:
     """Give ``app`` the settings above (the process's bootstrap does this once)."""
+    if app.conf.broker_url != cfg.broker_url:
+        # Its pooled connections still lead to the old broker (a test that switched sandboxes,
+        # from a cluster that is gone): closed here, the pool is made anew on the next publish.
+        app.close()
     app.conf.broker_url = cfg.broker_url
     app.conf.update(celery_settings(cfg))
     return app
