@@ -90,8 +90,11 @@ def configure(app: Celery, cfg: Settings) -> Celery:
     """Give ``app`` the settings above (the process's bootstrap does this once)."""
     if app.conf.broker_url != cfg.broker_url:
         # Its pooled connections still lead to the old broker (a test that switched sandboxes,
-        # from a cluster that is gone): closed here, the pool is made anew on the next publish.
+        # from a cluster that is gone), and its queue declarations carry the old replica count:
+        # both dropped here, made anew from the settings below on the next publish.
         app.close()
+        for cached in ("queues", "default_queue"):
+            vars(app.amqp).pop(cached, None)
     app.conf.broker_url = cfg.broker_url
     app.conf.update(celery_settings(cfg))
     return app

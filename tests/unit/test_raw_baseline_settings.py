@@ -42,6 +42,7 @@ def test_the_raw_app_takes_the_saga_apps_delivery_settings(
     fresh_settings: pytest.MonkeyPatch,
 ) -> None:
     fresh_settings.setenv("SAGA_PREFETCH", "9")
+    fresh_settings.setenv("SAGA_BATCH_MAX", "0")  # the raw prefetch is max(prefetch, batch bound)
     fresh_settings.setenv("SAGA_WORKER_CONCURRENCY", "3")
     conf = raw.create_raw_celery("amqp://guest:guest@127.0.0.1:5672/unused").conf
     assert conf.worker_prefetch_multiplier == 9
