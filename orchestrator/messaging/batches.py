@@ -171,6 +171,7 @@ class BatchConsumer:
         )
         self._received: list[Any] = []
         self._conn: Connection | None = None
+        self._unsettled: dict[int, Delivery] = {}  # this batch's deliveries not yet settled
         process_metrics.at_zero(sources=[source])
 
     # ------------------------------------------------------------ the loop
@@ -249,7 +250,15 @@ class BatchConsumer:
         for d in deliveries:
             process_metrics.task_started(d.task_id)
             _events.send("received", d, name=d.task, retries=d.headers.get("retries") or 0)
-        self._process(deliveries, stop)
+        self._unsettled = {id(d): d for d in deliveries}
+        try:
+            self._process(deliveries, stop)
+        finally:
+            # Settling raised (the connection died mid-ack): the broker gives the rest back to the
+            # queue, so they leave this worker's hands as retries, and the in-hand gauge stays true.
+            for d in self._unsettled.values():
+                process_metrics.task_finished(d.task_id, d.task, "RETRY")
+            self._unsettled = {}
         log.debug(
             "%s: batch of %d in %.1f ms",
             self.queue,
@@ -350,6 +359,7 @@ class BatchConsumer:
         for d in batch:
             if id(d) in rejected:
                 d.message.reject(requeue=False)
+                self._unsettled.pop(id(d), None)
                 process_metrics.task_finished(d.task_id, d.task, states.get(id(d), "REJECTED"))
                 _events.send("rejected", d, requeue=False)
         for d in batch:
@@ -357,11 +367,13 @@ class BatchConsumer:
                 continue
             if ack:
                 d.message.ack()
+                self._unsettled.pop(id(d), None)
                 state = states.get(id(d), "SUCCESS")
                 process_metrics.task_finished(d.task_id, d.task, state)
                 _events.send(_EVENT_OF.get(state, "succeeded"), d)
             else:
                 d.message.requeue()
+                self._unsettled.pop(id(d), None)
                 process_metrics.task_finished(d.task_id, d.task, "RETRY")
                 _events.send("retried", d)
 
