@@ -4,8 +4,10 @@
 Run: ``sagactl worker orders``. The order's own status is the idempotency record.
 """
 
+from typing import Any
+
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from models.enums import OrderStatus, ReservationStatus
 from models.orders import Order
@@ -18,8 +20,47 @@ from workers.participant import Result, participant
 __all__ = ["abort_return", "app", "cancel", "complete_return", "confirm"]
 
 
+_LOCKED = "orders.locked"  # Session.info: the transaction's locked orders and reservations
+
+
+def lock_orders(session: Session, commands: list[Command]) -> None:
+    """Before any handler of a batch runs: the stock that confirms sell (products first, as every
+    stock mover locks them), then every order of the batch, then the confirms' reservations, each
+    kind in one statement in id order; the handlers find them in the session instead of asking
+    the database again once per command."""
+    confirms = [c for c in commands if c.type == "orders.confirm"]
+    if confirms:
+        stock.lock_for(session, confirms)
+    order_ids = sorted({_payload(c).order_id for c in commands})
+    orders = session.scalars(
+        sa.select(Order)
+        .where(Order.id.in_(order_ids))
+        .order_by(Order.id)
+        .with_for_update()
+        .options(lazyload(Order.lines))  # no handler reads them
+        .execution_options(populate_existing=True)
+    )
+    locked: dict[Any, Any] = {order.id: order for order in orders}
+    if confirms:
+        reservations = session.scalars(
+            sa.select(Reservation)
+            .where(Reservation.saga_id.in_(sorted({c.saga_id for c in confirms})))
+            .order_by(Reservation.saga_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        locked.update({("reservation", r.saga_id): r for r in reservations})
+    session.info[_LOCKED] = locked
+
+
+def _payload(command: Command) -> OrderPayload:
+    payload = command.typed_payload()
+    assert isinstance(payload, OrderPayload), command.type  # every orders.* command's is one
+    return payload
+
+
 def _order(session: Session, payload: OrderPayload) -> Order:
-    order = session.get(Order, payload.order_id, with_for_update=True, populate_existing=True)
+    order: Order | None = session.info[_LOCKED].get(payload.order_id)
     if order is None:
         raise LookupError(f"order {payload.order_id} does not exist")
     return order
@@ -28,14 +69,14 @@ def _order(session: Session, payload: OrderPayload) -> Order:
 _CONFIRMED_OR_AFTER = (OrderStatus.CONFIRMED, OrderStatus.RETURNING, OrderStatus.RETURNED)
 
 
-@participant("orders.confirm", prepare=stock.lock_for)
+@participant("orders.confirm", prepare=lock_orders)
 def confirm(session: Session, command: Command, payload: OrderPayload) -> Result:
     order = _order(session, payload)
     # Confirmed, or past it: a return may start as soon as the order is confirmed, before this
     # command's reply is applied, so a redelivered confirm can find the order returning.
     if order.status in _CONFIRMED_OR_AFTER:
         return Result(True)
-    reservation = session.get(Reservation, command.saga_id, with_for_update=True)
+    reservation: Reservation | None = session.info[_LOCKED].get(("reservation", command.saga_id))
     if (
         order.status is not OrderStatus.PENDING
         or reservation is None
@@ -49,7 +90,7 @@ def confirm(session: Session, command: Command, payload: OrderPayload) -> Result
     return Result(True, applied_now=True)
 
 
-@participant("orders.cancel")
+@participant("orders.cancel", prepare=lock_orders)
 def cancel(session: Session, command: Command, payload: CancelPayload) -> Result:
     order = _order(session, payload)
     if order.status is OrderStatus.CANCELLED:
@@ -60,7 +101,7 @@ def cancel(session: Session, command: Command, payload: CancelPayload) -> Result
     return Result(True, applied_now=True)
 
 
-@participant("orders.complete_return")
+@participant("orders.complete_return", prepare=lock_orders)
 def complete_return(session: Session, command: Command, payload: OrderPayload) -> Result:
     order = _order(session, payload)
     if order.status is OrderStatus.RETURNED:
@@ -72,7 +113,7 @@ def complete_return(session: Session, command: Command, payload: OrderPayload) -
     return Result(True, applied_now=True)
 
 
-@participant("orders.abort_return")
+@participant("orders.abort_return", prepare=lock_orders)
 def abort_return(session: Session, command: Command, payload: OrderPayload) -> Result:
     """abort_return_if_returning: the order is confirmed again (nothing to undo otherwise)."""
     order = _order(session, payload)

@@ -11,6 +11,7 @@ import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -136,6 +137,12 @@ class Command(Envelope):
     kind: Literal["command"] = "command"
 
     def typed_payload(self) -> CommandPayload:
+        return self._typed_payload
+
+    @cached_property
+    def _typed_payload(self) -> CommandPayload:
+        # Validated once per command: a batch's preparation, log context, handler and reply all
+        # ask for it (the envelope is frozen, so the answer cannot change).
         model: type[CommandPayload] = registry.current().command(self.type).payload  # type: ignore[assignment]
         return model.model_validate(self.payload)
 
