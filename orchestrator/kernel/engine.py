@@ -11,6 +11,7 @@ state change means for the business happens in the definition's ``on_state`` hoo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
@@ -131,7 +132,7 @@ def saga_start(
     start = SagaStart()
     saga_id = start.saga_id
     snap, dispatches = initial(reg.definition)
-    saga = Saga(
+    saga = _SagaDraft(
         id=saga_id,
         business_key=business_key,
         definition=reg.name,
@@ -143,31 +144,23 @@ def saga_start(
         deadline_at=now + timedelta(seconds=settings().saga_deadline_s),
         created_at=now,
         updated_at=now,
+        steps=[
+            _StepDraft(
+                saga_id=saga_id,
+                idx=i,
+                name=step.name,
+                status=view.status,
+                attempts=0,
+                attempts_base=0,
+                finished_at=now if view.status is StepStatus.SUCCEEDED else None,
+                compensation=step.compensation,
+                comp_status=view.comp_status,
+                comp_attempts=0,
+                comp_attempts_base=0,
+            )
+            for i, (step, view) in enumerate(zip(reg.definition.steps, snap.steps, strict=True))
+        ],
     )
-    saga.steps = [
-        SagaStep(
-            saga_id=saga_id,
-            idx=i,
-            name=step.name,
-            status=view.status,
-            attempts=0,
-            attempts_base=0,
-            request_id=None,
-            started_at=None,
-            finished_at=now if view.status is StepStatus.SUCCEEDED else None,
-            error=None,
-            compensation=step.compensation,
-            comp_status=view.comp_status,
-            comp_attempts=0,
-            comp_attempts_base=0,
-            comp_request_id=None,
-            comp_started_at=None,
-            comp_finished_at=None,
-            comp_error=None,
-            deadline_at=None,
-        )
-        for i, (step, view) in enumerate(zip(reg.definition.steps, snap.steps, strict=True))
-    ]
     record(start, saga, E.SAGA_STARTED, detail=detail)
     # Fills in the first step's request; its command is kept, not written.
     _dispatch(start, saga, reg, dispatches, now, enqueue=start.enqueue)
@@ -202,8 +195,28 @@ def start_saga(
     return start.saga_id
 
 
+def _draft(model: Any, *extra: str) -> Any:
+    """A plain class with the columns of ``model`` (None unless given): a row being built for a
+    caller's INSERT. The engine's code reads and sets it as it would the mapped object, without
+    the ORM's instrumentation, which cost a fifth of a POST /orders' CPU."""
+    fields: list[Any] = [
+        (c.key, Any, dataclasses.field(default=None)) for c in model.__table__.columns
+    ]
+    fields += [(name, Any, dataclasses.field(default=None)) for name in extra]
+    namespace: dict[str, Any] = {"__table__": model.__table__}
+    if hasattr(model, "phase"):
+        namespace["phase"] = model.phase
+    return dataclasses.make_dataclass(f"{model.__name__}Draft", fields, namespace=namespace,
+                                      slots=True, kw_only=True)
+
+
+# Duck-typed as Saga and SagaStep by record() and _dispatch().
+_SagaDraft = _draft(Saga, "steps")
+_StepDraft = _draft(SagaStep)
+
+
 def _values(row: Any) -> dict[str, Any]:
-    """Every column of a new (transient) mapped object, as set on it."""
+    """Every column of a draft row, as set on it."""
     return {c.key: getattr(row, c.key) for c in cast(sa.Table, type(row).__table__).columns}
 
 
