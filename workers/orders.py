@@ -77,6 +77,15 @@ def confirm(session: Session, command: Command, payload: OrderPayload) -> Result
     if order.status in _CONFIRMED_OR_AFTER:
         return Result(True)
     reservation: Reservation | None = session.info[_LOCKED].get(("reservation", command.saga_id))
+    sold = reservation is not None and reservation.status is ReservationStatus.SOLD
+    if sold and order.status is OrderStatus.PENDING:
+        # An earlier attempt of this confirm sold the saga's stock, then the saga parked after
+        # the confirm's deadline (order failed) and an operator retried it (pending again): the
+        # sale is the record, the order is confirmed.
+        order.status = OrderStatus.CONFIRMED
+        order.reason = None
+        order.updated_at = sa.func.now()
+        return Result(True, applied_now=True)
     if (
         order.status is not OrderStatus.PENDING
         or reservation is None

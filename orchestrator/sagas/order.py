@@ -90,7 +90,8 @@ def build_payload(
 
 
 def on_state(session: Session, saga: Saga, state: SagaState) -> None:
-    """A parked saga fails its order; resuming it makes the order pending again.
+    """A parked saga fails its order; resuming it makes the order pending again, and a late
+    success that completes it makes the order confirmed.
 
     Confirm and cancel are the orders service's own steps; only these moves follow the saga.
     """
@@ -100,6 +101,11 @@ def on_state(session: Session, saga: Saga, state: SagaState) -> None:
         sources = [OrderStatus.PENDING, OrderStatus.CONFIRMED]
     elif state in (SagaState.COMPENSATING, SagaState.RUNNING):
         values, sources = {"status": OrderStatus.PENDING}, [OrderStatus.FAILED]
+    elif state is SagaState.COMPLETED:
+        # A parked confirm's late success completes the saga straight from failed: the confirm
+        # was made (it sold the stock), so the order is confirmed again.
+        values = {"status": OrderStatus.CONFIRMED, "reason": None}
+        sources = [OrderStatus.FAILED]
     else:
         return
     session.execute(
