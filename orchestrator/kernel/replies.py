@@ -41,6 +41,7 @@ def apply_reply(session: Session, saga: Saga, msg: Reply) -> str:
         error=body.error or body.reason,
         retry_in_s=body.retry_in_s,
         sent_at=msg.sent_at,
+        held=body.held,  # a transient failure while its service is paused: it waits again
     )
 
 
