@@ -1,6 +1,7 @@
 """The services console and the holding of commands, in-process: pause and resume, bad input,
 CSRF, and what a pause does to a saga's next command (held, no attempt, no deadline) and a resume
-(released: an attempt, a fresh deadline, the saga's deadline moved on)."""
+(released: an attempt, a fresh deadline, the saga's deadline moved on); the dispatch points of the
+batched paths: the web's one-statement order, a batch of replies, a compensation."""
 
 from __future__ import annotations
 
@@ -14,9 +15,17 @@ from flask.testing import FlaskClient
 
 from models.db import transaction
 from models.outbox import OutboxMessage
+from models.sagas import SagaEvent
 from models.services import ServiceAudit, ServiceState
-from orchestrator.kernel import engine, release, service_states
-from orchestrator.messaging.envelopes import ReplyOutcome
+from orchestrator.kernel import engine, release, replies, service_states
+from orchestrator.messaging import fastpath
+from orchestrator.messaging.envelopes import (
+    ReplyOutcome,
+    ReplyPayload,
+    make_reply,
+    parse_command,
+    parse_reply,
+)
 from tests.web.conftest import csrf_token
 from tests.web.drive import answer, body, code, make_stuck, place
 from web.schemas import MAX_NOTE
@@ -209,3 +218,104 @@ def test_an_attempt_lost_while_paused_is_held_again_not_counted(
         step = saga.steps[2]
         assert step.attempts - step.attempts_base == 0 and step.deadline_at is None
         assert saga.held_since is not None
+
+
+def _first_command(saga_id: str) -> dict[str, Any]:
+    """The order saga's first command (inventory.reserve: the web did step 0 itself), as the
+    web's one statement wrote it."""
+    with transaction() as session:
+        saga = engine.lock_saga(session, uuid.UUID(saga_id))
+        assert saga is not None
+        rows = session.execute(
+            sa.select(OutboxMessage.held_at)
+            .where(OutboxMessage.saga_id == saga.id, OutboxMessage.task == "inventory.reserve")
+            .order_by(OutboxMessage.id)
+        ).all()
+        events = session.scalars(
+            sa.select(SagaEvent.event).where(SagaEvent.saga_id == saga.id).order_by(SagaEvent.id)
+        ).all()
+        step = saga.steps[1]
+        return {"attempts": step.attempts, "deadline": step.deadline_at,
+                "held_since": saga.held_since, "held": [r.held_at is not None for r in rows],
+                "events": list(events)}
+
+
+def test_the_web_s_one_statement_order_is_held_when_its_first_service_is_paused(
+    client: FlaskClient, admin_headers: dict
+) -> None:
+    """The web writes an order in one statement with no read before it: it dispatches by the
+    states it read last, and the guard catches a pause it has not seen (the states are read
+    again, the order written held)."""
+    h = {**admin_headers, **JSON}
+    before = _first_command(place(client)["saga_id"])  # the process has seen "all running"
+    assert before["held"] == [False] and before["attempts"] == 1
+    assert client.post("/admin/services/inventory/pause", json={}, headers=h).status_code == 202
+    saga_id = place(client)["saga_id"]
+    held = _first_command(saga_id)
+    assert held["held"] == [True], "the stale view of the states was caught by the guard"
+    assert held["attempts"] == 0 and held["deadline"] is None and held["held_since"] is not None
+    assert held["events"][-1] == "step.held" and "step.dispatched" not in held["events"]
+    assert not release.release_one("inventory")
+
+    assert client.post("/admin/services/inventory/resume", json={}, headers=h).status_code == 202
+    assert release.release_one("inventory")
+    sent = _first_command(saga_id)
+    assert sent["held"] == [False] and sent["attempts"] == 1 and sent["held_since"] is None
+    assert sent["events"][-3:] == ["step.held", "step.released", "step.dispatched"]
+    placed_after = _first_command(place(client)["saga_id"])  # seen running again: sent at once
+    assert placed_after["held"] == [False]
+
+
+def _reserved_replies(saga_ids: list[str]) -> list[Any]:
+    """inventory.reserve's success for each saga, as the batch consumer reads them."""
+    with transaction() as session:
+        envelopes = session.scalars(
+            sa.select(OutboxMessage.envelope).where(
+                OutboxMessage.saga_id.in_([uuid.UUID(s) for s in saga_ids]),
+                OutboxMessage.task == "inventory.reserve",
+            )
+        ).all()
+    succeeded = ReplyPayload(outcome=ReplyOutcome.SUCCEEDED)
+    return [parse_reply(make_reply(parse_command(e), 1, succeeded)) for e in envelopes]
+
+
+def test_a_batch_of_replies_publishes_no_held_command(
+    client: FlaskClient, admin_headers: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The orchestrator's batch (replies.apply_batch) hands its commands to the batch consumer's
+    publish: a held one is not among them, and waits in the outbox."""
+    monkeypatch.setattr(fastpath, "enabled", lambda: True)  # this tier publishes nothing itself
+    h = {**admin_headers, **JSON}
+    first, *others = [place(client)["saga_id"] for _ in range(4)]
+    applied = replies.apply_batch(_reserved_replies([first]))
+    assert [m.task for m in applied.publish] == ["payment.charge"], "running: it goes out"
+    assert client.post("/admin/services/payment/pause", json={}, headers=h).status_code == 202
+    applied = replies.apply_batch(_reserved_replies(others))
+    assert applied.refused == {} and len(applied.results) == 3
+    assert applied.publish == [], "nothing to publish: every payment.charge is held"
+    assert {_charge(s)["rows"][0].held_at is not None for s in others} == {True}
+
+
+def _refunds(saga_id: str) -> list[bool]:
+    with transaction() as session:
+        rows = session.execute(
+            sa.select(OutboxMessage.held_at).where(
+                OutboxMessage.saga_id == uuid.UUID(saga_id), OutboxMessage.task == "payment.refund"
+            )
+        ).all()
+        return [r.held_at is not None for r in rows]
+
+
+@pytest.mark.parametrize("hold_compensations", [True, False])
+def test_a_compensation_is_held_unless_the_pause_lets_compensations_through(
+    client: FlaskClient, admin_headers: dict, hold_compensations: bool
+) -> None:
+    h = {**admin_headers, **JSON}
+    saga_id = place(client)["saga_id"]
+    answer(saga_id, ReplyOutcome.SUCCEEDED)  # inventory.reserve: payment.charge dispatched
+    r = client.post("/admin/services/payment/pause", headers=h,
+                    json={"hold_compensations": hold_compensations})
+    assert r.status_code == 202
+    with transaction() as session:
+        engine.operator_action(session, uuid.UUID(saga_id), "compensate", "test", None)
+    assert _refunds(saga_id) == [hold_compensations]
