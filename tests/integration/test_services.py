@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,15 +90,16 @@ def fresh_window(admin: requests.Session, system: Processes) -> None:
     act(admin, system, "payment", "resume")
 
 
-def saga_rows(saga_ids: list[str]) -> dict[str, dict[str, Any]]:
+def saga_rows(saga_ids: list[str], step: str = "payment.charge") -> dict[str, dict[str, Any]]:
     with transaction() as session:
         rows = session.execute(
             sa.text("""
                 SELECT s.id::text AS saga_id, s.state, s.held_since, s.deadline_at,
-                       st.status AS charge_status, st.attempts AS charge_attempts
-                FROM sagas s JOIN saga_steps st ON st.saga_id = s.id AND st.name = 'payment.charge'
+                       st.status AS charge_status, st.attempts AS charge_attempts,
+                       st.attempts AS step_attempts
+                FROM sagas s JOIN saga_steps st ON st.saga_id = s.id AND st.name = :step
                 WHERE s.id = ANY(CAST(:ids AS uuid[]))"""),
-            {"ids": saga_ids},
+            {"ids": saga_ids, "step": step},
         ).mappings()
         return {row["saga_id"]: dict(row) for row in rows}
 
@@ -131,7 +133,7 @@ def last_audit_id() -> int:
 
 
 def test_paused_payment_holds_twenty_orders_and_resume_releases_them_at_the_bounded_rate(
-    api: Api, admin: requests.Session, system: Processes
+    api: Api, admin: requests.Session, system: Processes, artifacts: Path
 ) -> None:
     sku = make_product(stock=40)
     act(admin, system, "payment", "pause", note="provider down")
@@ -180,9 +182,18 @@ def test_paused_payment_holds_twenty_orders_and_resume_releases_them_at_the_boun
     burst = int(RATE) + 1
     gaps = [(times[i + burst] - times[i]).total_seconds() for i in range(20 - burst)]
     spread = (times[-1] - times[0]).total_seconds()
-    print(f"\n20 held orders: released over {spread:.2f}s ({19 / spread:.2f}/s, bound {RATE}/s),"
-          f" all confirmed {drained_s:.2f}s after the resume; the tightest {burst + 1} releases"
-          f" spanned {min(gaps):.2f}s")
+    figures = {
+        "orders_held": sum(r["held_since"] is not None for r in before.values()),
+        "orders_confirmed": sum(v["status"] == "confirmed" for v in finals.values()),
+        "charges": sum(len(records("charges", s)) for s in ids),
+        "resume_rate_bound_per_s": RATE,
+        "released_over_s": round(spread, 2),
+        "observed_release_rate_per_s": round(19 / spread, 2),
+        "drained_after_resume_s": round(drained_s, 2),
+        f"tightest_{burst + 1}_releases_s": round(min(gaps), 2),
+    }
+    (artifacts / "services_outage.json").write_text(json.dumps(figures, indent=2))
+    print(f"\noutage figures ({artifacts / 'services_outage.json'}): {json.dumps(figures)}")
     assert min(gaps) >= 1.0, f"more than {burst} releases within a second: {gaps}"
     assert spread >= (20 - 1) / RATE * 0.95
     assert service(admin, system, "payment")["held"] == 0
@@ -194,6 +205,27 @@ def test_pause_and_resume_answer_404_and_409(admin: requests.Session, system: Pr
     assert r.status_code == 404
     r = admin.post(f"{system.url}/admin/services/inventory/resume", json={}, timeout=10)
     assert r.status_code == 409 and r.json()["error"]["code"] == "not_applicable"
+
+
+def test_a_paused_inventory_holds_the_web_s_first_command_and_a_resume_sends_it(
+    api: Api, admin: requests.Session, system: Processes
+) -> None:
+    """The web's one-statement order (and its publish right after) holds the saga's first
+    command while its service is paused: nothing reserved until the resume."""
+    sku = make_product(stock=10)
+    act(admin, system, "inventory", "pause", note="warehouse offline")
+    placed = [place(api, order_body(sku)) for _ in range(4)]
+    ids = [p["saga_id"] for p in placed]
+    rows = saga_rows(ids, step="inventory.reserve")
+    assert all(r["held_since"] is not None and r["step_attempts"] == 0 for r in rows.values())
+    sweeps = LogCursor.at_end(system, "beat")
+    sweeps.wait_for("saga.sweep", count=3, timeout_s=30)
+    assert all(records("reservations", s) == [] for s in ids), "nothing reached inventory"
+    act(admin, system, "inventory", "resume")
+    finals = api.wait_final([p["order_id"] for p in placed], timeout_s=60)
+    for view in finals.values():
+        assert view["status"] == "confirmed", describe(view, system.log_dir)
+    assert all(len(records("reservations", s)) == 1 for s in ids)
 
 
 def test_declined_cards_never_open_the_breaker(
