@@ -1,7 +1,8 @@
 """The circuit breaker of each service, fed by the replies the orchestrator receives.
 
-Each orchestrator process counts, per service, the replies it applies (a success or a business
-refusal: a healthy call; a "retrying" or "held" reply: a transient failure) and adds them once a
+Each orchestrator process counts, per service, the replies it applied (once their transaction
+committed: ``replies.observe``; a success or a business refusal: a healthy call; a "retrying" or
+"held" reply: a transient failure) and adds them once a
 second to ``service_calls`` (one row per service and second, shared by every process). The same
 flush judges: a running service whose share of transient failures over the window reaches the
 threshold (with enough calls) opens its breaker; a half-open service closes on a success and

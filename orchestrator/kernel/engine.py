@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, joinedload
 from models.enums import CompensationStatus, Reason, SagaState, StepStatus
 from models.sagas import Phase, PhaseKind, Saga, SagaEvent, SagaStep
 from orchestrator import registry
-from orchestrator.kernel import breaker, holds
+from orchestrator.kernel import holds
 from orchestrator.kernel.machine import (
     CompensationParked,
     CompensationSucceeded,
@@ -519,7 +519,6 @@ def on_reply(
 ) -> str:
     """Apply one participant reply to a locked saga. Returns what happened, for the log.
     ``held``: the attempt failed transiently while its service was paused; it waits again."""
-    breaker.observe(command, outcome, held=held)
     definition = registered_of(saga).definition
     index, kind = definition.by_command(command)
     phase = saga.steps[index].phase(kind)

@@ -58,6 +58,8 @@ def reply(self: Task, envelope: Any) -> str:
         return replies.apply_reply(session, saga, msg)
 
     result = run_in_transaction(work)
+    if result != replies.UNKNOWN_SAGA:
+        replies.observe(msg)
     failpoints.hit("orchestrator.after_commit")
     replies.log_applied(msg, result)
     return result
@@ -102,6 +104,8 @@ def on_batch(deliveries: list[batches.Delivery]) -> batches.Outcome:
         for i, ((d, msg), result) in enumerate(zip(taken, applied.results, strict=True)):
             if i in applied.refused:
                 outcome.rejected.append((d, applied.refused[i]))
+            else:
+                replies.observe(msg)
             replies.log_applied(msg, result or applied.refused[i])
         outcome.publish = applied.publish  # the batch's commands, sent by batches.py
 
