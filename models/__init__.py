@@ -8,6 +8,7 @@ from models.orders import IdempotencyKey, Order, OrderLine
 from models.outbox import OutboxMessage
 from models.participants import Charge, Reservation
 from models.sagas import Saga, SagaEvent, SagaStep
+from models.services import ServiceAudit, ServiceCalls, ServiceState
 
 __all__ = [
     "Base",
@@ -24,4 +25,7 @@ __all__ = [
     "Saga",
     "SagaEvent",
     "SagaStep",
+    "ServiceAudit",
+    "ServiceCalls",
+    "ServiceState",
 ]

@@ -38,6 +38,9 @@ class Saga(Base):
     # Everything later commands need (lines, total, card token, injected faults); never shown.
     context: Mapped[dict[str, Any]] = mapped_column(JSONB)
     deadline_at: Mapped[datetime]
+    # Since when its command in hand waits for a paused service (None: not held); the saga's
+    # deadline moves on by the time held when it is released.
+    held_since: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
 

@@ -186,7 +186,8 @@ class SagaFilter:
 
     ``state`` is a saga state or "stuck"; ``step`` is the name of the saga's current step;
     ``created_after``/``created_before`` bound its creation (inclusive, exclusive); ``q`` (an order
-    or saga id) is the list's search box.
+    or saga id) is the list's search box; ``held``: only the sagas whose command waits for a paused
+    service (True) or only the others (False).
     """
 
     state: str | None = None
@@ -196,6 +197,7 @@ class SagaFilter:
     created_after: datetime | None = None
     created_before: datetime | None = None
     q: str | None = None
+    held: bool | None = None
 
 
 def _current_name() -> Any:
@@ -222,6 +224,8 @@ def _matching(query: Any, wanted: SagaFilter) -> Any:
         query = query.where(Saga.created_at >= wanted.created_after)
     if wanted.created_before:
         query = query.where(Saga.created_at < wanted.created_before)
+    if wanted.held is not None:
+        query = query.where(Saga.held_since.is_not(None) if wanted.held else Saga.held_since.is_(None))
     if wanted.q:
         try:
             ident = uuid.UUID(wanted.q.strip())
@@ -257,6 +261,7 @@ def list_sagas(
             "definition_version": saga.definition_version,
             "state": saga.state.value,
             "stuck": (not saga.state.final) and deadline is not None and deadline < now,
+            "held": saga.held_since is not None,
             "current_step": name,
             "reason": saga.reason.value if saga.reason else None,
             "created_at": _iso(saga.created_at),

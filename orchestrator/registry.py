@@ -29,8 +29,8 @@ BUILTIN = ("orchestrator.sagas.order", "orchestrator.sagas.returns")
 EXTRA_MODULES_ENV = "SAGA_REGISTRY_MODULES"
 ORCHESTRATOR = "orchestrator"
 ORCHESTRATOR_QUEUE = "saga.orchestrator"
-# The orchestrator's own tasks (participant replies, the periodic sweep).
-ORCHESTRATOR_TASKS = ("saga.reply", "saga.sweep")
+# The orchestrator's own tasks (participant replies, the periodic sweep, releasing held commands).
+ORCHESTRATOR_TASKS = ("saga.reply", "saga.sweep", "saga.release")
 
 
 class TimelineEvent(StrEnum):

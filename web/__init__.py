@@ -52,7 +52,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     bootstrap()
 
-    from web import admin, errors, ops, orders, presenters, security
+    from web import admin, errors, ops, orders, presenters, security, services
 
     errors.register(app)
     security.register(app)
@@ -64,6 +64,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.jinja_env.globals.update(texts=presenters.page_texts(), csrf_token=generate_csrf)
     app.register_blueprint(orders.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(services.bp)
     app.register_blueprint(ops.bp)
 
     @app.before_request

@@ -37,7 +37,7 @@ from orchestrator.kernel import engine, operations
 from orchestrator.messaging import deadletters
 from web import presenters
 from web.errors import ApiError, wants_json
-from web.http import is_json, posted_fields
+from web.http import accepted, is_json, posted_fields
 from web.schemas import (
     ActionIn,
     ActionResult,
@@ -85,7 +85,7 @@ def _authorized() -> str | None:
 
 
 @bp.before_request
-def _require_admin() -> None:
+def require_admin() -> None:
     user = _authorized()
     if user is None:
         raise ApiError(
@@ -141,7 +141,8 @@ def sagas() -> Response | str:
         except ValueError as exc:
             raise ApiError(400, "invalid_cursor", "the cursor is not valid") from exc
     with transaction() as session:
-        items, next_cursor = queries.list_sagas(session, saga_filter(query, q), cursor)
+        held = None if query.held is None else query.held == "true"
+        items, next_cursor = queries.list_sagas(session, saga_filter(query, q, held), cursor)
         counts = queries.counts(session)
         customers = _customers(session, items) if not wants_json() else {}
     next_token = next_cursor.encode() if next_cursor else None
@@ -150,6 +151,7 @@ def sagas() -> Response | str:
         return jsonify(listed)
     # The filter as given (the page's links and the bulk form carry it on).
     shown = {name: request.args[name] for name in FILTER_FIELDS if request.args.get(name)}
+    held_arg = {"held": query.held} if query.held else {}
     return render_template(
         "admin/sagas.html",
         sagas=listed["sagas"],
@@ -157,7 +159,9 @@ def sagas() -> Response | str:
         state=query.state,
         q=q or "",
         shown=shown,
-        others={k: v for k, v in shown.items() if k != "state"},
+        # held=true is the list's own filter (a bulk filter has no such field): the links keep it.
+        others={**{k: v for k, v in shown.items() if k != "state"}, **held_arg},
+        held=query.held == "true",
         definitions=registry.current().names,
         steps=step_names(),
         reasons=[r.value for r in Reason],
@@ -365,11 +369,8 @@ def _letter_route(verb: str, act: Callable[[int, str], None]) -> Callable[[int],
             raise ApiError(404, "not_found", "no such dead letter") from exc
         except deadletters.DeadLetterResolved as exc:
             raise ApiError(409, "not_applicable", str(exc)) from exc
-        if is_json():
-            response = jsonify(dump(LetterActionResult(id=letter_id, state=verb)))  # type: ignore[arg-type]
-            response.status_code = 202
-            return response
-        return redirect(url_for("admin.dead_letters"), code=303)  # type: ignore[return-value]
+        result = LetterActionResult(id=letter_id, state=verb)  # type: ignore[arg-type]
+        return accepted(result, url_for("admin.dead_letters"))
 
     view.__name__ = f"dead_letter_{verb}"
     return view

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import current_app, request
+from flask import Response, current_app, jsonify, redirect, request
 from flask_wtf.csrf import CSRFError, validate_csrf
+from pydantic import BaseModel
 from werkzeug.exceptions import RequestEntityTooLarge
 from wtforms import ValidationError as CsrfInvalid
 
@@ -176,3 +177,15 @@ def posted_fields(form_only: tuple[str, ...] = (), lists: tuple[str, ...] = ()) 
         }
         return fields
     raise ApiError(415, "unsupported_media_type", "send JSON or a form with its CSRF token")
+
+
+def accepted(result: BaseModel, back: str) -> Response:
+    """A state-changing admin route's answer: 202 and the result to a JSON post, 303 back to the
+    page to a form post."""
+    from web.schemas import dump
+
+    if is_json():
+        response = jsonify(dump(result))
+        response.status_code = 202
+        return response
+    return redirect(back, code=303)  # type: ignore[return-value]

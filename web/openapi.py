@@ -25,6 +25,8 @@ REQUESTS: tuple[type[BaseModel], ...] = (
     s.ActionIn,
     s.BulkIn,
     s.LetterActionIn,
+    s.ServicePauseIn,
+    s.ServiceResumeIn,
 )
 RESPONSES: tuple[type[BaseModel], ...] = (
     s.Error,
@@ -41,6 +43,8 @@ RESPONSES: tuple[type[BaseModel], ...] = (
     s.OperationDetail,
     s.DeadLetterList,
     s.LetterActionResult,
+    s.ServiceList,
+    s.ServiceActionResult,
     s.Health,
 )
 
@@ -151,6 +155,23 @@ def _letter_action(summary: str) -> dict[str, Any]:
         requestBody=_post_body(s.LetterActionIn),
         responses={
             "202": _json(s.LetterActionResult, "done"),
+            "303": SEE_OTHER,
+            **_errors(400, 401, 404, 409, 413, 415, 422),
+        },
+    )
+
+
+SERVICE = _path_param("service", {"type": "string"}, "a participant service (else 404)")
+
+
+def _service_action(summary: str, body: type[BaseModel]) -> dict[str, Any]:
+    return _admin(
+        "post",
+        summary,
+        parameters=[SERVICE],
+        requestBody=_post_body(body, required=False),
+        responses={
+            "202": _json(s.ServiceActionResult, "done; the service's new state"),
             "303": SEE_OTHER,
             **_errors(400, 401, 404, 409, 413, 415, 422),
         },
@@ -326,6 +347,17 @@ PATHS: dict[str, Any] = {
             "200": _page_or_json(s.OperationDetail, "the operation"),
             **_errors(401, 404),
         },
+    ),
+    "/admin/services": _admin(
+        "get",
+        "Participant services: state, holds, failure rate, consumers",
+        responses={"200": _page_or_json(s.ServiceList, "every service"), **_errors(401)},
+    ),
+    "/admin/services/{service}/pause": _service_action(
+        "Pause a service: its commands are held until it resumes", s.ServicePauseIn
+    ),
+    "/admin/services/{service}/resume": _service_action(
+        "Resume a service: held commands are released at SAGA_RESUME_RATE", s.ServiceResumeIn
     ),
     "/admin/dead-letters": _admin(
         "get",

@@ -290,6 +290,21 @@ class BulkIn(_In):
         return self
 
 
+class ServicePauseIn(_In):
+    """The body of POST /admin/services/<service>/pause."""
+
+    note: OptionalNote = None
+    hold_compensations: Annotated[
+        bool, Field(description="false: compensations still go through while paused")
+    ] = True
+
+
+class ServiceResumeIn(_In):
+    """The body of POST /admin/services/<service>/resume."""
+
+    note: OptionalNote = None
+
+
 class LetterActionIn(_In):
     """POST /admin/dead-letters/<id>/replay and /discard take no field."""
 
@@ -307,6 +322,11 @@ class SagaListQuery(SagaFilterFields):
         str | None,
         BeforeValidator(_blank_is_none),
         Field(description="`next` of the previous page"),
+    ] = None
+    held: Annotated[
+        Literal["true", "false"] | None,
+        BeforeValidator(_blank_is_none),
+        Field(description="true: only sagas held by a paused service; false: none of them"),
     ] = None
 
 
@@ -450,6 +470,7 @@ class SagaSummary(_Out):
     definition_version: Annotated[int, Field(ge=1)]
     state: SagaState
     stuck: bool
+    held: Annotated[bool, Field(description="its command waits for a paused service")]
     current_step: str
     reason: Reason | None
     created_at: Timestamp
@@ -491,6 +512,33 @@ class SagaDetail(_Out):
 class ActionResult(_Out):
     saga_id: uuid.UUID
     state: SagaState
+
+
+ServiceStateName = Literal["running", "paused", "breaker_open", "half_open"]
+
+
+class ServiceActionResult(_Out):
+    service: str
+    state: ServiceStateName
+
+
+class ServiceOut(_Out):
+    service: str
+    state: ServiceStateName
+    since: Annotated[Timestamp | None, Field(description="null: running since ever")]
+    by: Annotated[str | None, Field(description="the operator, or `breaker`")]
+    note: str | None
+    hold_compensations: bool
+    held: Annotated[int, Field(ge=0, description="commands held for the service")]
+    calls: Annotated[int, Field(ge=0, description="replies within the breaker's window")]
+    failure_rate: Annotated[
+        float, Field(ge=0, le=1, description="share of transient failures in that window")
+    ]
+    consumers: Annotated[int | None, Field(description="on its queue; null: broker not reached")]
+
+
+class ServiceList(_Out):
+    services: list[ServiceOut]
 
 
 class BulkItemResult(_Out):

@@ -158,6 +158,10 @@ def parse_bulk(data: Any) -> BulkIn:
     return body
 
 
-def saga_filter(fields: SagaFilterFields, q: str | None = None) -> queries.SagaFilter:
-    """The read side's filter from validated fields (the list's query or a bulk filter)."""
-    return queries.SagaFilter(**{name: getattr(fields, name) for name in FILTER_FIELDS}, q=q)
+def saga_filter(
+    fields: SagaFilterFields, q: str | None = None, held: bool | None = None
+) -> queries.SagaFilter:
+    """The read side's filter from validated fields (the list's query or a bulk filter; the list
+    alone has ``q`` and ``held``)."""
+    fields_of = {name: getattr(fields, name) for name in FILTER_FIELDS}
+    return queries.SagaFilter(**fields_of, q=q, held=held)

@@ -13,7 +13,9 @@ message (participant.py) or the batch consumer of a queue (batching.py).
   the contract's meaning: ``crash`` kills the process right after this command's commit, ``hang``
   sleeps before it); a business refusal is a failure reply, a transient error a retry of this
   command alone with the step's backoff, full jitter and budget, and past the budget (or on an
-  error that is not transient) a dead letter.
+  error that is not transient) a dead letter. A transient error while the command's service is
+  paused (by an operator or its breaker) is no retry: the reply says ``held`` and the
+  orchestrator puts the command back with the held ones (orchestrator/kernel/holds.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models.db import is_retryable, run_in_transaction
+from orchestrator.kernel import holds
 from orchestrator.kernel.machine import RetryPolicy
 from orchestrator.messaging.celery_app import app
 from orchestrator.messaging.envelopes import (
@@ -198,17 +201,29 @@ def failed(incoming: Incoming, exc: BaseException) -> Verdict:
         if not is_transient(exc):
             log.error("attempt %d failed (dead-lettering): %r", attempt, exc)
             return Verdict(incoming, None, error=exc)
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        if _held_now(incoming.command):
+            log.warning("attempt %d failed while its service is paused: held (%s)", attempt, exc)
+            return Verdict(incoming, ReplyPayload(outcome=ReplyOutcome.RETRYING, error=error,
+                                                  held=True))
         if incoming.tries >= retry.attempts:
             log.error("attempt %d failed, no attempts left (dead-lettering): %s", attempt, exc)
             return Verdict(incoming, None, error=exc)
         delay = RetryPolicy(retry.attempts, retry.base_s, retry.max_s).delay(incoming.tries)
         log.warning("attempt %d failed, retrying in %.2fs: %s", attempt, delay, exc)
         reply = ReplyPayload(
-            outcome=ReplyOutcome.RETRYING,
-            error=f"{type(exc).__name__}: {exc}"[:500],
-            retry_in_s=round(delay, 3),
+            outcome=ReplyOutcome.RETRYING, error=error, retry_in_s=round(delay, 3)
         )
         return Verdict(incoming, reply, retry_in_s=delay)
+
+
+def _held_now(command: Command) -> bool:
+    """Would the orchestrator hold this command now? (holds.py decides, from the database.)"""
+    kind = holds.kind_of(command.type, command.step)
+    try:
+        return run_in_transaction(lambda s: holds.held(s, command.type, kind) is not None)
+    except DBAPIError:
+        return False  # the database is what failed: retry as usual
 
 
 def replied(incoming: Incoming, result: Result) -> Verdict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session, joinedload
 from models.enums import CompensationStatus, Reason, SagaState, StepStatus
 from models.sagas import Phase, PhaseKind, Saga, SagaEvent, SagaStep
 from orchestrator import registry
+from orchestrator.kernel import holds
 from orchestrator.kernel.machine import (
     CompensationParked,
     CompensationSucceeded,
@@ -98,6 +98,10 @@ def command_of(definition: SagaDefinition, index: int, kind: PhaseKind) -> str:
 # ---------------------------------------------------------------- starting a saga
 
 
+class Enqueue(Protocol):
+    def __call__(self, task: str, envelope: dict[str, Any], *, held: bool = False) -> None: ...
+
+
 class SagaStart:
     """The rows that start one saga: the saga, its steps, its timeline and its first command(s),
     as column values, for a caller that writes them together with its own rows (one statement:
@@ -108,14 +112,14 @@ class SagaStart:
         self.saga_id = uuid.uuid4()
         self.saga: dict[str, Any] = {}
         self.steps: list[dict[str, Any]] = []
-        self.commands: list[tuple[str, dict[str, Any]]] = []  # (task, envelope)
+        self.commands: list[tuple[str, dict[str, Any], bool]] = []  # (task, envelope, held)
 
     @property
     def events(self) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], self.info.get(EVENTS_KEY, []))
 
-    def enqueue(self, task: str, envelope: dict[str, Any]) -> None:
-        self.commands.append((task, envelope))
+    def enqueue(self, task: str, envelope: dict[str, Any], *, held: bool = False) -> None:
+        self.commands.append((task, envelope, held))
 
 
 def saga_start(
@@ -123,10 +127,12 @@ def saga_start(
     business_key: str,
     context: dict[str, Any],
     *,
+    holding: holds.Holding,
     detail: str | None = None,
     now: datetime | None = None,
 ) -> SagaStart:
-    """A saga of the latest version of ``definition`` and its first command, as rows to write."""
+    """A saga of the latest version of ``definition`` and its first command, as rows to write;
+    ``holding``: the services not running, as the caller read them (its command may be held)."""
     reg = registry.current().latest(definition)
     now = now or utcnow()
     start = SagaStart()
@@ -163,7 +169,7 @@ def saga_start(
     )
     record(start, saga, E.SAGA_STARTED, detail=detail)
     # Fills in the first step's request; its command is kept, not written.
-    _dispatch(start, saga, reg, dispatches, now, enqueue=start.enqueue)
+    _dispatch(start, saga, reg, dispatches, now, enqueue=start.enqueue, holding=holding)
     start.saga = _values(saga)
     start.steps = [_values(step) for step in saga.steps]
     log.info(
@@ -184,9 +190,12 @@ def start_saga(
 ) -> uuid.UUID:
     """Write a saga of the latest version of ``definition`` and its first command, in the
     caller's transaction (with whatever business rows the caller wrote before)."""
-    start = saga_start(definition, business_key, context, detail=detail, now=now)
-    for task, envelope in start.commands:
-        outbox.enqueue(session, task, envelope)
+    holding = holds.not_running(session)
+    start = saga_start(
+        definition, business_key, context, holding=holding, detail=detail, now=now
+    )
+    for task, envelope, held in start.commands:
+        outbox.enqueue(session, task, envelope, held=held)
     # Core INSERTs, never ORM objects added to the session: the ORM unit of work for these
     # objects was about 30 % of the web's CPU per order.
     session.execute(sa.insert(cast(sa.Table, Saga.__table__)), [start.saga])
@@ -432,10 +441,18 @@ def _dispatch(
     reg: Registered,
     dispatches: list[Dispatch],
     now: datetime,
-    enqueue: Callable[[str, dict[str, Any]], None] | None = None,
+    enqueue: Enqueue | None = None,
+    *,
+    holding: holds.Holding | None = None,
+    probe: bool = False,
 ) -> None:
     """Send each dispatch: a fresh request, a timeline event, a deadline, an outbox row (or, with
-    ``enqueue``, the command handed to it; ``session`` then only collects the timeline)."""
+    ``enqueue``, the command handed to it; ``session`` then only collects the timeline). A command
+    whose service is paused (``holding``: the services not running, else read in ``session``) is
+    held instead: no attempt, no deadline, an outbox row no one sends until the release
+    (release.py); ``probe``: the breaker's one command let through while half open."""
+    if holding is None:
+        holding = {} if probe else holds.not_running(session)
     definition = reg.definition
     for d in dispatches:
         row = saga.steps[d.index]
@@ -445,15 +462,8 @@ def _dispatch(
         if d.fresh or phase.request_id is None:
             phase.request_id = uuid.uuid4()
             phase.started_at = phase.started_at or now
-        phase.attempts += 1
-        record(
-            session,
-            saga,
-            E(f"{phase.event_prefix}.dispatched"),
-            step=command,
-            attempt=phase.attempts,
-        )
-        row.deadline_at = now + timedelta(seconds=step_timeout_s(definition, d.index))
+        hold = None if probe else holds.hold_in(holding, command, d.kind)
+        attempt = phase.attempts + 1
         payload: CommandPayload = reg.build_payload(  # type: ignore[assignment]
             command,
             saga.context,
@@ -466,13 +476,29 @@ def _dispatch(
             saga_id=saga.id,
             request_id=phase.request_id,
             step=row.name,
-            attempt=phase.attempts,
+            attempt=attempt,
             payload=payload,
         )
-        if enqueue is not None:
-            enqueue(command, envelope)
+        held = hold is not None
+        if hold is not None:
+            record(session, saga, E.STEP_HELD, step=command, detail=hold.describe(), actor=hold.by)
+            row.deadline_at = None
+            saga.held_since = saga.held_since or now
         else:
-            outbox.enqueue(session, command, envelope)
+            phase.attempts = attempt
+            record(
+                session,
+                saga,
+                E(f"{phase.event_prefix}.dispatched"),
+                step=command,
+                attempt=phase.attempts,
+            )
+            row.deadline_at = now + timedelta(seconds=step_timeout_s(definition, d.index))
+            saga.held_since = None
+        if enqueue is not None:
+            enqueue(command, envelope, held=held)
+        else:
+            outbox.enqueue(session, command, envelope, held=held)
 
 
 # ---------------------------------------------------------------- replies
@@ -489,8 +515,10 @@ def on_reply(
     error: str | None = None,
     retry_in_s: float | None = None,
     sent_at: datetime | None = None,
+    held: bool = False,
 ) -> str:
-    """Apply one participant reply to a locked saga. Returns what happened, for the log."""
+    """Apply one participant reply to a locked saga. Returns what happened, for the log.
+    ``held``: the attempt failed transiently while its service was paused; it waits again."""
     definition = registered_of(saga).definition
     index, kind = definition.by_command(command)
     phase = saga.steps[index].phase(kind)
@@ -511,6 +539,9 @@ def on_reply(
         return "ignored (not awaited: late or duplicate)"
     now = utcnow()
     phase.attempts = max(phase.attempts, attempt)
+    if outcome is ReplyOutcome.RETRYING and held:
+        _hold_again(session, saga, index, kind, command, attempt, error, now)
+        return "held (its service is paused)"
     if outcome is ReplyOutcome.RETRYING:
         _record_retry(session, saga, phase.event_prefix, command, attempt, error, delay)
         phase.error = error
@@ -538,6 +569,37 @@ def on_reply(
             event = CompensationParked(index)
     transition(session, saga, event, now)
     return f"{outcome.value}: saga {saga.state.value}"
+
+
+def _hold_again(
+    session: Session,
+    saga: Saga,
+    index: int,
+    kind: PhaseKind,
+    command: str,
+    attempt: int,
+    error: str | None,
+    now: datetime,
+) -> None:
+    """An attempt that failed while its service was paused goes back to the held set: the
+    failure is history, the attempt is given back to the budget, and the dispatch decides (held,
+    or sent if the service was resumed meanwhile)."""
+    phase = saga.steps[index].phase(kind)
+    record(session, saga, E(f"{phase.event_prefix}.failed"), step=command, attempt=attempt,
+           detail=error)
+    phase.error = error
+    phase.attempts_base = min(phase.attempts, phase.attempts_base + 1)
+    dispatch_again(session, saga, index, kind, now)
+    saga.updated_at = now
+
+
+def dispatch_again(
+    session: Session, saga: Saga, index: int, kind: PhaseKind, now: datetime, *, probe: bool = False
+) -> None:
+    """Send the step's action (or compensation) again on its current request: a held command
+    released, or put back (held again when its service is still paused)."""
+    reg = registered_of(saga)
+    _dispatch(session, saga, reg, [Dispatch(index, kind, fresh=False)], now, probe=probe)
 
 
 def _record_retry(
@@ -680,8 +742,9 @@ def operator_action(
 
 
 def on_deadline(session: Session, saga: Saga, now: datetime) -> str | None:
-    """The sweeper's move for a saga past a deadline: re-send within the budget, else give up."""
-    if saga.state.final:
+    """The sweeper's move for a saga past a deadline: re-send within the budget, else give up.
+    A held saga has no deadline running (its service is paused)."""
+    if saga.state.final or saga.held_since is not None:
         return None
     reg = registered_of(saga)
     index = saga.current_step
@@ -704,6 +767,15 @@ def on_deadline(session: Session, saga: Saga, now: datetime) -> str | None:
         return None
     # Attempts of the current budget (an operator retry starts a fresh one).
     attempts = phase.attempts - phase.attempts_base
+    if holds.held(session, command, kind) is not None:
+        # Its service is paused (or its breaker's probe got no answer): the lost attempt is given
+        # back and the command waits again, so an outage never runs a step out of attempts.
+        record(session, saga, E.STEP_TIMED_OUT, step=command, attempt=attempts,
+               detail="no reply before the deadline; held again (its service is paused)")
+        phase.attempts_base = min(phase.attempts, phase.attempts_base + 1)
+        dispatch_again(session, saga, index, kind, now)
+        saga.updated_at = now
+        return "held again"
     if attempts < retry_policy(reg.definition, index, kind).attempts:
         record(
             session,

@@ -4,7 +4,9 @@ A batch locks all of its sagas at once, in id order (``engine.lock_sagas``), app
 through ``engine.on_reply`` in the order the replies came (several for one saga see each other's
 changes), and commits once: the changed rows go out in the ORM's grouped UPDATEs, the timeline in
 one INSERT, the commands' outbox rows in one INSERT (``outbox.defer_inserts``). The commands are
-then the caller's to publish (``Applied.publish``): see ``tasks.on_batch``.
+then the caller's to publish (``Applied.publish``): see ``tasks.on_batch``. Once committed, the
+replies are the circuit breaker's evidence (``observe``): counted once, however often their
+transaction was run.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from models.db import run_in_transaction
 from models.sagas import Saga
-from orchestrator.kernel import engine
+from orchestrator.kernel import breaker, engine
 from orchestrator.messaging import fastpath, outbox
 from orchestrator.messaging.envelopes import Reply
 from orchestrator.ops import failpoints
@@ -41,7 +43,13 @@ def apply_reply(session: Session, saga: Saga, msg: Reply) -> str:
         error=body.error or body.reason,
         retry_in_s=body.retry_in_s,
         sent_at=msg.sent_at,
+        held=body.held,  # a transient failure while its service is paused: it waits again
     )
+
+
+def observe(msg: Reply) -> None:
+    """A committed reply of a known saga, as its service's circuit breaker counts it."""
+    breaker.observe(msg.command, msg.body.outcome, held=msg.body.held)
 
 
 def log_applied(msg: Reply, result: str) -> None:

@@ -13,7 +13,7 @@ from models.db import run_in_transaction, transaction
 from models.enums import SagaState
 from models.outbox import OutboxMessage
 from models.sagas import Saga, SagaStep
-from orchestrator.kernel import engine, operations
+from orchestrator.kernel import engine, operations, release
 from orchestrator.messaging import outbox
 from orchestrator.ops import process_metrics
 from orchestrator.ops.config import settings
@@ -30,6 +30,7 @@ class SweepReport:
     sagas_acted_on: int = 0
     outbox_relayed: int = 0
     bulk_acted: int = 0
+    probes: int = 0  # held commands let through to a half-open service
 
 
 def overdue_saga_ids(limit: int = 500) -> list[uuid.UUID]:
@@ -42,8 +43,9 @@ def overdue_saga_ids(limit: int = 500) -> list[uuid.UUID]:
             .where(Saga.state.in_([SagaState.RUNNING, SagaState.COMPENSATING]))
             .where(SagaStep.deadline_at < now)
         )
+        # A held saga's deadline moves on when it is released (orchestrator/kernel/release.py).
         saga_overdue = sa.select(Saga.id).where(
-            Saga.state == SagaState.RUNNING, Saga.deadline_at < now
+            Saga.state == SagaState.RUNNING, Saga.deadline_at < now, Saga.held_since.is_(None)
         )
         return list(session.scalars(sa.union(step_overdue, saga_overdue).limit(limit)))
 
@@ -69,7 +71,7 @@ def relay_stale_outbox() -> int:
         stale = session.scalar(
             sa.select(sa.func.count())
             .select_from(OutboxMessage)
-            .where(OutboxMessage.sent_at.is_(None))
+            .where(*outbox.UNSENT)
             .where(
                 OutboxMessage.created_at
                 < sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, age)
@@ -96,6 +98,7 @@ def sweep() -> SweepReport:
         for saga_id in overdue_saga_ids():
             report.sagas_acted_on += _act(saga_id)
         report.outbox_relayed = relay_stale_outbox()
+        report.probes = release.sweep_holds()
     # Outside the timed part: a bulk operation fills the interval on purpose (its rate bound).
     report.bulk_acted = operations.run(budget_s=min(settings().sweep_s, BULK_SLICE_MAX_S))
     process_metrics.SWEEPS.inc()

@@ -1,4 +1,5 @@
-"""The orchestrator's Celery tasks: participant replies and the periodic sweep.
+"""The orchestrator's Celery tasks: participant replies, the periodic sweep, and the release of a
+resumed service's held commands (orchestrator/kernel/release.py).
 
 Like a web view: unpack, call the engine, return. Started by ``sagactl worker orchestrator``
 (orchestrator/bootstrap.py wires the worker: these tasks, the batch consumer, the dead-letter
@@ -21,7 +22,7 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import DBAPIError
 
 from models.db import run_in_transaction
-from orchestrator.kernel import engine, replies, sweeper
+from orchestrator.kernel import engine, release, replies, service_states, sweeper
 from orchestrator.messaging import batches, fastpath
 from orchestrator.messaging.celery_app import app
 from orchestrator.messaging.envelopes import PoisonMessage, Reply, parse_reply
@@ -57,6 +58,8 @@ def reply(self: Task, envelope: Any) -> str:
         return replies.apply_reply(session, saga, msg)
 
     result = run_in_transaction(work)
+    if result != replies.UNKNOWN_SAGA:
+        replies.observe(msg)
     failpoints.hit("orchestrator.after_commit")
     replies.log_applied(msg, result)
     return result
@@ -65,24 +68,29 @@ def reply(self: Task, envelope: Any) -> str:
 @app.task(name="saga.sweep")
 def sweep() -> dict[str, int]:
     report = sweeper.sweep()
-    if report.sagas_acted_on or report.outbox_relayed or report.bulk_acted:
+    if report.sagas_acted_on or report.outbox_relayed or report.bulk_acted or report.probes:
         log.info("sweep: %s", report)
     return {
         "sagas": report.sagas_acted_on,
         "outbox": report.outbox_relayed,
         "bulk": report.bulk_acted,
+        "probes": report.probes,
     }
 
 
 def on_batch(deliveries: list[batches.Delivery]) -> batches.Outcome:
     """Every message waiting on the orchestrator's queue: the replies in one transaction, then
-    (beat's ticks) one sweep. Returns the commands to publish and what to dead-letter."""
+    (beat's ticks) one sweep, and the releases asked for (each drains beside the consumer, at its
+    rate: release.drain_in_background). Returns the commands to publish and what to dead-letter."""
     outcome = batches.Outcome()
     taken: list[tuple[batches.Delivery, Reply]] = []
     ticks = []
+    releases: list[batches.Delivery] = []
     for d in deliveries:
         if d.task == "saga.sweep":
             ticks.append(d)
+        elif d.task == service_states.RELEASE_TASK:
+            releases.append(d)
         elif d.task != "saga.reply":
             outcome.rejected.append((d, f"no handler for {d.task} on {ORCHESTRATOR_QUEUE}"))
         else:
@@ -96,6 +104,8 @@ def on_batch(deliveries: list[batches.Delivery]) -> batches.Outcome:
         for i, ((d, msg), result) in enumerate(zip(taken, applied.results, strict=True)):
             if i in applied.refused:
                 outcome.rejected.append((d, applied.refused[i]))
+            else:
+                replies.observe(msg)
             replies.log_applied(msg, result or applied.refused[i])
         outcome.publish = applied.publish  # the batch's commands, sent by batches.py
 
@@ -106,6 +116,12 @@ def on_batch(deliveries: list[batches.Delivery]) -> batches.Outcome:
         outcome.after_publish = after_publish
     if any(not _expired(d) for d in ticks):
         sweep()  # several ticks in one batch: one sweep does their work
+    for d in releases:
+        service = d.args[0] if d.args and isinstance(d.args[0], str) else None
+        if service is None:
+            outcome.rejected.append((d, f"{d.task} takes a service's name"))
+        else:
+            release.drain_in_background(service)
     return outcome
 
 

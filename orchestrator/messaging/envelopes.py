@@ -114,6 +114,9 @@ class ReplyPayload(BaseModel):
     reason: str | None = None
     error: str | None = None
     retry_in_s: float | None = None
+    # With outcome "retrying": the attempt failed while its service is paused; the participant
+    # does not retry it, the orchestrator holds it again (a compatible, added field).
+    held: bool = False
 
 
 class Envelope(BaseModel):

@@ -67,19 +67,27 @@ def row(task: str, envelope: dict[str, Any], message_id: uuid.UUID | None = None
     )
 
 
-def columns(new: _Row) -> dict[str, Any]:
-    """What an INSERT of ``new`` writes."""
-    return {**vars(new), "saga_id": uuid.UUID(str(new.envelope["saga_id"]))}
+def columns(new: _Row, *, held: bool = False) -> dict[str, Any]:
+    """What an INSERT of ``new`` writes; a ``held`` row waits for its paused service
+    (orchestrator/kernel/holds.py): no fast path, relay or sweeper sends it."""
+    return {
+        **vars(new),
+        "saga_id": uuid.UUID(str(new.envelope["saga_id"])),
+        "held_at": datetime.now(UTC) if held else None,
+    }
 
 
-def enqueue(session: Session, task: str, envelope: dict[str, Any]) -> None:
-    """Add a command to the outbox in the caller's transaction (see ``defer_inserts``)."""
+def enqueue(session: Session, task: str, envelope: dict[str, Any], *, held: bool = False) -> None:
+    """Add a command to the outbox in the caller's transaction (see ``defer_inserts``); a
+    ``held`` one stays unsent until its service's release dispatches it anew."""
     new = row(task, envelope)
     deferred: list[dict[str, Any]] | None = session.info.get(DEFERRED_KEY)
     if deferred is not None:
-        deferred.append(columns(new))
+        deferred.append(columns(new, held=held))
     else:
-        session.execute(sa.insert(_TABLE).values(**columns(new)))
+        session.execute(sa.insert(_TABLE).values(**columns(new, held=held)))
+    if held:
+        return
     if fastpath.enabled():
         session.info.setdefault(fastpath.PENDING_KEY, []).append(new)
     else:
@@ -112,11 +120,13 @@ def _forget_deferred(session: Session) -> None:
     session.info.pop(DEFERRED_KEY, None)
 
 
+# Rows waiting to be published: held ones wait for their service instead (not a backlog, no lag).
+UNSENT = (OutboxMessage.sent_at.is_(None), OutboxMessage.held_at.is_(None))
+
+
 def backlog(session: Session | Connection, limit: int) -> int:
     """Unsent rows, counted up to ``limit + 1`` so the check stays cheap when the backlog is huge."""
-    unsent = (
-        sa.select(sa.literal(1)).where(OutboxMessage.sent_at.is_(None)).limit(limit + 1).subquery()
-    )
+    unsent = sa.select(sa.literal(1)).where(*UNSENT).limit(limit + 1).subquery()
     return int(session.scalar(sa.select(sa.func.count()).select_from(unsent)) or 0)
 
 
@@ -124,7 +134,7 @@ def oldest_unsent_age_s(session: Session) -> float:
     age = session.scalar(
         sa.select(
             sa.func.extract("epoch", sa.func.now() - sa.func.min(OutboxMessage.created_at))
-        ).where(OutboxMessage.sent_at.is_(None))
+        ).where(*UNSENT)
     )
     return float(age or 0.0)
 
@@ -267,7 +277,7 @@ def relay_once(session: Session, publisher: ConfirmingPublisher, min_age_s: floa
     c = _TABLE.c
     query = (
         sa.select(c.id, c.message_id, c.task, c.queue, c.headers, c.envelope, c.created_at)
-        .where(c.sent_at.is_(None))
+        .where(c.sent_at.is_(None), c.held_at.is_(None))
         .order_by(c.id)
         .limit(BATCH)
         .with_for_update(skip_locked=True)

@@ -453,6 +453,92 @@ def definitions(as_json: bool, lock: bool) -> None:
 
 
 @main.group()
+def service() -> None:
+    """Participant services: list, pause, resume (as /admin/services)."""
+
+
+@service.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@needs("database")
+def service_list(as_json: bool) -> None:
+    from models.db import transaction
+    from orchestrator.kernel import service_states
+
+    with transaction() as session:
+        views = service_states.overview(session)
+    rows: list[dict[str, Any]] = [
+        {
+            "service": v.service,
+            "state": v.state,
+            "since": v.since.isoformat() if v.since else None,
+            "by": v.by,
+            "note": v.note,
+            "hold_compensations": v.hold_compensations,
+            "held": v.held,
+            "calls": v.calls,
+            "failure_rate": v.failure_rate,
+        }
+        for v in views
+    ]
+    if as_json:
+        _print_json({"services": rows})
+        return
+    for r in rows:
+        since = f" since {r['since'][:19]} by {r['by']}" if r["since"] else ""
+        click.echo(
+            f"{r['service']:<12} {r['state']:<13} held {r['held']:>5}  "
+            f"failures {r['failure_rate'] * 100:5.1f}% of {r['calls']}{since}"
+        )
+
+
+def _service_act(verb: str, name: str, note: str | None, hold_compensations: bool,
+                 as_json: bool) -> None:
+    from models.db import transaction
+    from orchestrator.kernel import service_states
+
+    actor = getpass.getuser() or "cli"
+    try:
+        with transaction() as session:
+            if verb == "pause":
+                service_states.pause(session, name, actor, note, hold_compensations)
+            else:
+                service_states.resume(session, name, actor, note)
+            state = service_states.state_of(session, name).state
+    except service_states.UnknownService:
+        _fail(f"no service {name!r}")
+    except service_states.AlreadyInState as exc:
+        _fail(str(exc), code=EXIT_FAILED)
+    if verb == "resume":
+        service_states.kick(name)
+    if as_json:
+        _print_json({"service": name, "state": state})
+    else:
+        click.echo(f"{name} {state}")
+
+
+@service.command("pause")
+@click.argument("name")
+@click.option("--note", default=None)
+@click.option("--let-compensations-through", "let_through", is_flag=True,
+              help="hold actions only (compensations still go through)")
+@click.option("--json", "as_json", is_flag=True)
+@needs("database")
+def service_pause(name: str, note: str | None, let_through: bool, as_json: bool) -> None:
+    """Hold every command to NAME until it resumes."""
+    _service_act("pause", name, note, not let_through, as_json)
+
+
+@service.command("resume")
+@click.argument("name")
+@click.option("--note", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@needs("database", "broker")
+def service_resume(name: str, note: str | None, as_json: bool) -> None:
+    """Release NAME's held commands at SAGA_RESUME_RATE."""
+    _service_act("resume", name, note, True, as_json)
+
+
+@main.group()
 def dlq() -> None:
     """Dead letters: list, replay, discard."""
 

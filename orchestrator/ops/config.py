@@ -80,6 +80,17 @@ class Settings(BaseSettings):
     step_timeout_s: float = _env("SAGA_STEP_TIMEOUT_S", 30.0, gt=0)
     saga_deadline_s: float = _env("SAGA_DEADLINE_S", 300.0, gt=0)
     sweep_s: float = _env("SAGA_SWEEP_S", 5.0, gt=0)
+    # A paused service's held commands are released at this rate once it resumes (per second),
+    # so a service that just recovered is not flooded with the backlog at once.
+    resume_rate: float = _env("SAGA_RESUME_RATE", 50.0, gt=0)
+    # The circuit breaker of each service: over the last BREAKER_WINDOW_S seconds of replies, at
+    # least BREAKER_MIN_CALLS of them and a share of transient failures of BREAKER_THRESHOLD or
+    # more pause the service (breaker_open); after BREAKER_COOLDOWN_S one probe command goes
+    # through (half_open). Business refusals count as healthy calls.
+    breaker_window_s: float = _env("SAGA_BREAKER_WINDOW_S", 60.0, gt=0)
+    breaker_threshold: float = _env("SAGA_BREAKER_THRESHOLD", 0.5, gt=0, le=1)
+    breaker_min_calls: int = _env("SAGA_BREAKER_MIN_CALLS", 20, ge=1)
+    breaker_cooldown_s: float = _env("SAGA_BREAKER_COOLDOWN_S", 30.0, gt=0)
 
     # --- where state lives (before the secrets: development secrets are kept there)
     xdg_state_home: Path | None = _env("XDG_STATE_HOME")

@@ -98,9 +98,14 @@ BATCH_MESSAGES = Histogram(
     ["queue"],
     buckets=BATCH_SIZES,
 )
-# Where the service breaker's state and the commands held by a paused service go when they exist
-# (issue 12, items 1-2): gauges (they go up and down), e.g. saga_service_state{service,state} and
-# saga_commands_held{service}, defined here beside the others.
+# A service's state and its held commands are gauges computed from the database at scrape time
+# (orchestrator/ops/metrics.py: saga_service_state, saga_commands_held); the changes are counted here.
+SERVICE_CHANGES = Counter(
+    "saga_service_changes",
+    "Changes of a service's state (operator pause/resume, the breaker opening, probing, closing)",
+    ["service", "state"],  # the state entered
+)
+RELEASED = Counter("saga_commands_released", "Held commands released to their service", ["service"])
 
 
 # ---------------------------------------------------------------- per-process setup
@@ -251,6 +256,21 @@ def publishing(source: str, count: int) -> Iterator[None]:
 # ---------------------------------------------------------------- the broker's queues
 
 
+def queue_counts(
+    broker_url: str, queues: Iterable[str], timeout_s: float = 3
+) -> dict[str, tuple[int, int]]:
+    """Messages ready and consumers of each queue (a passive declare each, one short connection)."""
+    from kombu import Connection
+
+    counts = {}
+    with Connection(broker_url, connect_timeout=timeout_s) as conn:
+        channel = conn.default_channel
+        for queue in queues:
+            _, messages, consumer_count = channel.queue_declare(queue, passive=True)
+            counts[queue] = (int(messages), int(consumer_count))
+    return counts
+
+
 class QueueCollector(Collector):
     """Consumers on and messages in each service queue, asked of the broker at scrape time
     (a passive declare per queue on a short connection): states, so gauges."""
@@ -260,8 +280,6 @@ class QueueCollector(Collector):
         self._queues = queues
 
     def collect(self) -> Iterator[Metric]:
-        from kombu import Connection
-
         consumers = GaugeMetricFamily(
             "saga_queue_consumers", "Consumers on a service queue", labels=["queue"]
         )
@@ -272,12 +290,9 @@ class QueueCollector(Collector):
             "saga_broker_up", "1 when the broker answered this scrape's queue questions"
         )
         try:
-            with Connection(self._url, connect_timeout=3) as conn:
-                channel = conn.default_channel
-                for queue in self._queues:
-                    _, messages, consumer_count = channel.queue_declare(queue, passive=True)
-                    consumers.add_metric([queue], consumer_count)
-                    depth.add_metric([queue], messages)
+            for queue, (messages, consumer_count) in queue_counts(self._url, self._queues).items():
+                consumers.add_metric([queue], consumer_count)
+                depth.add_metric([queue], messages)
             up.add_metric([], 1)
         except Exception as exc:  # a scrape must answer; the gauge says the broker did not
             log.warning("queue metrics: broker did not answer (%s)", exc)

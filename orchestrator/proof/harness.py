@@ -41,6 +41,10 @@ SHORT_TIMINGS = {
     "SAGA_OUTBOX_GRACE_S": "2",
     "SAGA_DEADLINE_S": "120",
     "SAGA_WORKER_CONCURRENCY": "2",
+    # The circuit breaker out of reach: runs that inject `always` on purpose (the fault matrix,
+    # chaos) must not pause a service for what follows them. tests/integration/test_services.py
+    # turns it on for its own orchestrator.
+    "SAGA_BREAKER_MIN_CALLS": "1000000",
 }
 
 # What each process logs once it is ready; every Celery worker (the orchestrator and each

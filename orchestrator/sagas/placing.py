@@ -15,7 +15,7 @@ from models.enums import OrderStatus
 from models.orders import IdempotencyKey, Order, OrderLine
 from models.outbox import OutboxMessage
 from models.sagas import Saga, SagaEvent, SagaStep
-from orchestrator.kernel import engine, one_statement
+from orchestrator.kernel import engine, holds, one_statement
 from orchestrator.kernel.one_statement import Also
 from orchestrator.messaging import fastpath, outbox
 from orchestrator.sagas.once import (
@@ -103,10 +103,12 @@ class Written:
 def write_order(conn: Any, new: NewOrder, marks: list[fastpath.Mark] | None = None) -> Written:
     """Write the order (step 0, ``orders.create``), its lines, its saga, the saga's steps,
     timeline and first command in ONE statement on ``conn`` (one_statement.py); ``marks``: the
-    process's waiting sent marks, carried by the same statement."""
+    process's waiting sent marks, carried by the same statement. The command is held if its
+    service is paused (holds.seen: the guard checks the states it was dispatched by)."""
     skus = [sku for sku, _ in new.items]
     for fresh in (False, True):
         prices = _catalogue_prices(conn, skus, fresh)
+        holding, holds_seen = holds.seen(conn, fresh)
         now = engine.utcnow()
         order_id = uuid.uuid4()
         total = sum(prices[sku] * qty for sku, qty in new.items)
@@ -118,9 +120,15 @@ def write_order(conn: Any, new: NewOrder, marks: list[fastpath.Mark] | None = No
             "faults": new.faults or {},
         }
         start = engine.saga_start(
-            ORDER_SAGA.name, str(order_id), context, detail=f"order {order_id}", now=now
+            ORDER_SAGA.name,
+            str(order_id),
+            context,
+            holding=holding,
+            detail=f"order {order_id}",
+            now=now,
         )
-        rows = [outbox.row(task, envelope) for task, envelope in start.commands]
+        commands = [(outbox.row(task, envelope), held) for task, envelope, held in start.commands]
+        rows = [row for row, held in commands if not held]  # to publish once committed
         order = {"id": order_id, "customer_id": new.customer_id, "status": OrderStatus.PENDING,
                  "reason": None, "total_cents": total, "card_last4": new.card_token[-4:],
                  "created_at": now, "updated_at": now}
@@ -133,14 +141,18 @@ def write_order(conn: Any, new: NewOrder, marks: list[fastpath.Mark] | None = No
         written = one_statement.write(
             conn,
             [(_ORDERS, [order]), (_LINES, lines), (_SAGAS, [start.saga]), (_STEPS, start.steps),
-             (_EVENTS, start.events), (_OUTBOX, [outbox.columns(row) for row in rows])],
-            guard=(_PRICES_HOLD, {"skus": skus, "prices": [prices[s] for s in skus],
-                                  "lines": len(skus)}),
+             (_EVENTS, start.events),
+             (_OUTBOX, [outbox.columns(row, held=held) for row, held in commands])],
+            guard=(f"{_PRICES_HOLD} AND {holds.SEEN_GUARD}",
+                   {"skus": skus, "prices": [prices[s] for s in skus], "lines": len(skus),
+                    **holds_seen}),
             also=also,
         )
         if written:
             return Written(Started(order_id, start.saga_id), rows)
-    raise RuntimeError("the catalogue's prices changed twice while the order was written")
+    raise RuntimeError(
+        "the catalogue's prices or the services' states changed twice while the order was written"
+    )
 
 
 def start_order(session: Session, new: NewOrder) -> Started:

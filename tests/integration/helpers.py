@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import requests
 import sqlalchemy as sa
 
 from models.catalog import Product
@@ -180,3 +181,11 @@ def gaps_s(stamps: list[str]) -> list[float]:
     """Seconds between consecutive ISO timestamps, in time order (a rate bound's evidence)."""
     times = sorted(datetime.fromisoformat(s) for s in stamps)
     return [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+def admin_session() -> requests.Session:
+    """HTTP Basic as the admin, asking for JSON: what an operator's script uses."""
+    from orchestrator.ops.config import settings
+
+    session = requests.Session()
+    session.auth = (settings().admin_user, settings().admin_password.get_secret_value())
+    session.headers["Accept"] = "application/json"
+    return session

@@ -21,6 +21,7 @@ from orchestrator.proof.harness import Processes
 from tests.conftest import TEST_TIMINGS
 from tests.integration.helpers import (
     LogCursor,
+    admin_session,
     assert_in_order,
     describe,
     make_product,
@@ -37,10 +38,7 @@ STEP_TIMEOUT_S = float(TEST_TIMINGS["SAGA_STEP_TIMEOUT_S"])
 
 @pytest.fixture
 def admin(system: Processes) -> requests.Session:
-    session = requests.Session()
-    session.auth = (settings().admin_user, settings().admin_password.get_secret_value())
-    session.headers["Accept"] = "application/json"
-    return session
+    return admin_session()
 
 
 def listed(admin: requests.Session, system: Processes, saga_id: str, **params: str) -> list[dict]:

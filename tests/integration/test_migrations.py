@@ -77,3 +77,20 @@ def test_existing_sagas_keep_their_order_as_business_key_and_run_version_1(
     _sql(old_database, "UPDATE orders SET status = 'confirmed' WHERE id = %s", order_id)
     command.downgrade(database.alembic_config(old_database), "0002")
     assert _sql(old_database, "SELECT id, order_id FROM sagas") == [(saga_id, order_id)]
+
+
+def test_the_services_migration_comes_after_the_operations_one_and_goes_back(
+    old_database: str,
+) -> None:
+    """One head: 0006_services on 0005_operations; down to 0005 drops its tables and columns and
+    puts the unsent index back as it was, and up again restores them."""
+    config = database.alembic_config(old_database)
+    command.upgrade(config, "head")
+    assert _sql(old_database, "SELECT version_num FROM alembic_version") == [("0006_services",)]
+    unsent = "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_outbox_unsent'"
+    assert "held_at IS NULL" in str(_sql(old_database, unsent)[0][0])
+    command.downgrade(config, "0005_operations")
+    assert _sql(old_database, "SELECT to_regclass('service_states')") == [(None,)]
+    assert "held_at" not in str(_sql(old_database, unsent)[0][0])
+    command.upgrade(config, "head")
+    assert _sql(old_database, "SELECT count(*) FROM service_states") == [(0,)]

@@ -277,6 +277,18 @@ def test_bulk_by_filter_and_its_operations_match_the_description(
     done = checker(client.get(f"/admin/operations/{started['operation_id']}", headers=h), one)
     assert done["state"] == "done" and done["results"] == {"202": 2}
     checker(client.get(f"/admin/operations/{uuid.uuid4()}", headers=h), one)  # 404
+def test_service_answers_match_the_description(
+    client: FlaskClient, admin_headers: dict, checker: Checker
+) -> None:
+    h = {**admin_headers, **JSON}
+    pause, resume = "/admin/services/{service}/pause", "/admin/services/{service}/resume"
+    checker(client.get("/admin/services", headers=h), "/admin/services")
+    checker(client.get("/admin/services", headers=admin_headers), "/admin/services")
+    checker(client.post("/admin/services/orders/pause", json={}, headers=h), pause, "post")
+    checker(client.post("/admin/services/orders/pause", json={}, headers=h), pause, "post")  # 409
+    checker(client.post("/admin/services/nosuch/pause", json={}, headers=h), pause, "post")
+    checker(client.post("/admin/services/orders/resume", json={}, headers=h), resume, "post")
+    checker(client.post("/admin/services/orders/resume", json={}, headers=h), resume, "post")
 
 
 def test_every_json_operation_was_exercised(spec: dict[str, Any], checker: Checker) -> None:
