@@ -7,6 +7,11 @@ committed. A reply is applied only if its request id is the one the saga waits f
 
 Generic: a saga is a definition version from the registry, a business key and a context. What a
 state change means for the business happens in the definition's ``on_state`` hook.
+
+Traces (when on): a saga keeps its trace context in its context (``tracing.TRACE_KEY``) from its
+start, and every command is dispatched as a span of that trace whoever dispatches it (a reply, a
+sweep, an operator), its outbox row keeping that span's ``traceparent``: one saga, one trace
+(orchestrator/ops/tracing.py).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from orchestrator.messaging.envelopes import (
     RetrySpec,
     make_command,
 )
+from orchestrator.ops import tracing
 from orchestrator.ops.config import settings
 from orchestrator.registry import Registered, TimelineEvent
 
@@ -108,14 +114,14 @@ class SagaStart:
         self.saga_id = uuid.uuid4()
         self.saga: dict[str, Any] = {}
         self.steps: list[dict[str, Any]] = []
-        self.commands: list[tuple[str, dict[str, Any]]] = []  # (task, envelope)
+        self.rows: list[Any] = []  # the first command(s), as outbox rows (outbox.row)
 
     @property
     def events(self) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], self.info.get(EVENTS_KEY, []))
 
-    def enqueue(self, task: str, envelope: dict[str, Any]) -> None:
-        self.commands.append((task, envelope))
+    def enqueue(self, task: str, envelope: dict[str, Any], trace: dict[str, str]) -> None:
+        self.rows.append(outbox.row(task, envelope, trace=trace))
 
 
 def saga_start(
@@ -132,6 +138,8 @@ def saga_start(
     start = SagaStart()
     saga_id = start.saga_id
     snap, dispatches = initial(reg.definition)
+    if tracing.enabled():  # its trace: the request's that starts it; its commands join it
+        context = {**context, **tracing.saga_trace(saga_id, business_key)}
     saga = _SagaDraft(
         id=saga_id,
         business_key=business_key,
@@ -185,8 +193,8 @@ def start_saga(
     """Write a saga of the latest version of ``definition`` and its first command, in the
     caller's transaction (with whatever business rows the caller wrote before)."""
     start = saga_start(definition, business_key, context, detail=detail, now=now)
-    for task, envelope in start.commands:
-        outbox.enqueue(session, task, envelope)
+    for row in start.rows:
+        outbox.add(session, row)
     # Core INSERTs, never ORM objects added to the session: the ORM unit of work for these
     # objects was about 30 % of the web's CPU per order.
     session.execute(sa.insert(cast(sa.Table, Saga.__table__)), [start.saga])
@@ -432,7 +440,7 @@ def _dispatch(
     reg: Registered,
     dispatches: list[Dispatch],
     now: datetime,
-    enqueue: Callable[[str, dict[str, Any]], None] | None = None,
+    enqueue: Callable[[str, dict[str, Any], dict[str, str]], None] | None = None,
 ) -> None:
     """Send each dispatch: a fresh request, a timeline event, a deadline, an outbox row (or, with
     ``enqueue``, the command handed to it; ``session`` then only collects the timeline)."""
@@ -469,10 +477,16 @@ def _dispatch(
             attempt=phase.attempts,
             payload=payload,
         )
+        # In the saga's trace even when a sweep or an operator's request sends it.
+        trace = (
+            tracing.dispatched(f"dispatch {command}", envelope, saga.context.get(tracing.TRACE_KEY))
+            if tracing.enabled()
+            else {}
+        )
         if enqueue is not None:
-            enqueue(command, envelope)
+            enqueue(command, envelope, trace)
         else:
-            outbox.enqueue(session, command, envelope)
+            outbox.enqueue(session, command, envelope, trace)
 
 
 # ---------------------------------------------------------------- replies

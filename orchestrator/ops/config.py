@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     step_timeout_s: float = _env("SAGA_STEP_TIMEOUT_S", 30.0, gt=0)
     saga_deadline_s: float = _env("SAGA_DEADLINE_S", 300.0, gt=0)
     sweep_s: float = _env("SAGA_SWEEP_S", 5.0, gt=0)
+    # Traces by OTLP/HTTP to <endpoint>/v1/traces (orchestrator/ops/tracing.py); unset: none, and
+    # OpenTelemetry is not even imported.
+    otel_endpoint: str = _env("OTEL_EXPORTER_OTLP_ENDPOINT", "")
 
     # --- where state lives (before the secrets: development secrets are kept there)
     xdg_state_home: Path | None = _env("XDG_STATE_HOME")

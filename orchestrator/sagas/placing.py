@@ -120,7 +120,7 @@ def write_order(conn: Any, new: NewOrder, marks: list[fastpath.Mark] | None = No
         start = engine.saga_start(
             ORDER_SAGA.name, str(order_id), context, detail=f"order {order_id}", now=now
         )
-        rows = [outbox.row(task, envelope) for task, envelope in start.commands]
+        rows = start.rows
         order = {"id": order_id, "customer_id": new.customer_id, "status": OrderStatus.PENDING,
                  "reason": None, "total_cents": total, "card_last4": new.card_token[-4:],
                  "created_at": now, "updated_at": now}
