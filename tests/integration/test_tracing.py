@@ -1,8 +1,13 @@
 """Traces on real processes: with ``OTEL_EXPORTER_OTLP_ENDPOINT`` pointed at a receiver in this
 test, one order is one trace from ``POST /orders`` through every command, task and reply of its
 saga, in causal order, each span carrying the saga's id; a return is a trace of its own; a command
-the sweeper re-sends minutes later (here: seconds) joins its saga's trace. Without the variable,
-no process sends anything (the SDK's own default endpoint variable, set as a trap, stays unused).
+the sweeper re-sends minutes later (here: seconds) joins its saga's trace; the web's own fast-path
+publish is in the trace as the relay's is. Without the variable, no process sends anything (the
+SDK's own default endpoint variable, set as a trap, stays unused).
+
+The workers run as they do by default: commands and replies consumed in batches
+(orchestrator/messaging/batches.py), outside Celery's task signals, so every run span here is one
+the batch consumers make.
 """
 
 from __future__ import annotations
@@ -58,17 +63,17 @@ def box(sandbox: Sandbox) -> Iterator[Sandbox]:
         own.destroy()
 
 
+def traced_env(collector: Receiver) -> dict[str, str]:
+    return {
+        **SHORT_TIMINGS,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",  # the SDK's batch delay: spans within a second
+    }
+
+
 @pytest.fixture(scope="module")
 def traced(box: Sandbox, collector: Receiver, artifacts: Path) -> Iterator[Processes]:
-    procs = Processes(
-        box,
-        artifacts / "tracing",
-        extra_env={
-            **SHORT_TIMINGS,
-            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
-            "OTEL_BSP_SCHEDULE_DELAY": "200",  # the SDK's batch delay: spans within a second
-        },
-    )
+    procs = Processes(box, artifacts / "tracing", extra_env=traced_env(collector))
     # The web leaves its commands to the relay: the relay's publishes are traced too (it has no
     # span of its own to hang them on; only the outbox row's header links them).
     procs.start_all(env={"web": {"SAGA_OUTBOX_FAST_PATH": "0"}})
@@ -210,6 +215,31 @@ def test_a_command_the_sweeper_sends_again_joins_its_sagas_trace(
 
 def sweep_spans(collector: Receiver) -> set[str]:
     return {s.span_id for s in collector.snapshot() if s.name == "run/saga.sweep"}
+
+
+def test_the_webs_fast_path_publish_is_in_the_trace(
+    box: Sandbox, collector: Receiver, traced: Processes, artifacts: Path
+) -> None:
+    """The web's publish right after its one-statement commit (its background publisher, group
+    confirms) is a span of the order's trace too, child of the dispatch its row names."""
+    traced.stop_all()  # one system at a time on this sandbox
+    procs = Processes(box, artifacts / "tracing-fast-path", extra_env=traced_env(collector))
+    procs.start_all()
+    try:
+        api = Api.connect(procs.url)
+        placed = place(api, order_body(make_product(stock=5)))
+        assert wait_final(api, placed["order_id"])["saga"]["state"] == "completed"
+        trace = trace_of(collector, placed["saga_id"], runs=len(ORDER_RUNS))
+    finally:
+        procs.stop_all()
+    assert_one_saga_trace(trace, placed["saga_id"], "/orders")
+    assert runs_of(trace) == ORDER_RUNS
+    by_id = {s.span_id: s for s in trace}
+    parents = [by_id[s.parent_id] for s in trace if s.name == "run/inventory.reserve"]
+    web = [
+        p for p in parents if p.service == "web" and p.attributes["saga.publisher"] == "fast_path"
+    ]
+    assert web and by_id[web[0].parent_id].name == "dispatch inventory.reserve", parents
 
 
 def test_without_the_endpoint_no_process_sends_a_span(
