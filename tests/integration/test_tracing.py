@@ -134,6 +134,8 @@ def test_one_order_is_one_trace_across_every_process_in_order(
 
     assert_one_saga_trace(trace, placed["saga_id"], "/orders")
     assert runs_of(trace) == ORDER_RUNS
+    # Every run is a batch consumer's span (Celery's instrumentation never saw these messages).
+    assert not [s for s in trace if s.name.startswith("run/") and "celery.action" in s.attributes]
     for span in trace:
         if span.name.startswith(("run/", "dispatch ")) and span.name != "run/saga.reply":
             assert span.attributes["saga.business_key"] == placed["order_id"], span
@@ -240,6 +242,29 @@ def test_the_webs_fast_path_publish_is_in_the_trace(
         p for p in parents if p.service == "web" and p.attributes["saga.publisher"] == "fast_path"
     ]
     assert web and by_id[web[0].parent_id].name == "dispatch inventory.reserve", parents
+
+
+def test_without_batches_celerys_task_runs_are_the_trace(
+    box: Sandbox, collector: Receiver, traced: Processes, artifacts: Path
+) -> None:
+    """``SAGA_BATCH_MAX=0``: Celery runs one task per message, and its instrumentation's run spans
+    (parent: the message's ``traceparent``) make the same trace, in the same order."""
+    traced.stop_all()
+    env = {**traced_env(collector), "SAGA_BATCH_MAX": "0"}
+    procs = Processes(box, artifacts / "tracing-celery", extra_env=env)
+    procs.start_all()
+    try:
+        api = Api.connect(procs.url)
+        placed = place(api, order_body(make_product(stock=5)))
+        assert wait_final(api, placed["order_id"])["saga"]["state"] == "completed"
+        trace = trace_of(collector, placed["saga_id"], runs=len(ORDER_RUNS))
+    finally:
+        procs.stop_all()
+    assert_one_saga_trace(trace, placed["saga_id"], "/orders")
+    assert runs_of(trace) == ORDER_RUNS
+    runs = [s for s in trace if s.name.startswith("run/")]
+    assert all(s.attributes.get("celery.action") == "run" for s in runs), runs
+    assert all(s.attributes["saga.attempt"] >= 1 for s in runs), runs
 
 
 def test_without_the_endpoint_no_process_sends_a_span(
