@@ -123,3 +123,4 @@ def setup_logging(process: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(cfg.log_level)
+    tracing.announce()  # set up earlier, by the bootstrap, before there was a handler

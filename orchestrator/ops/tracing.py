@@ -81,6 +81,7 @@ class _State:
     provider: TracerProvider
     tracer: Tracer
     batch: _PerProcessBatch
+    where: str = ""
 
 
 _state: _State | None = None
@@ -120,8 +121,15 @@ def setup(process: str, exporter: Callable[[], SpanExporter] | None = None) -> b
     trace.set_tracer_provider(provider)  # once per process; other libraries' spans join ours
     _state = _State(provider, provider.get_tracer("saga-orchestrator"), batch)
     _instrument_celery(provider)
-    log.info("tracing on: spans of %s exported to %s", kind, endpoint or "a test exporter")
+    _state.where = f"spans of {kind} exported to {endpoint or 'a test exporter'}"
+    announce()
     return True
+
+
+def announce() -> None:
+    """Say that this process traces (again once its logging is set up: logs.setup_logging)."""
+    if _state is not None:
+        log.info("tracing on: %s", _state.where)
 
 
 def _otlp_exporter(endpoint: str) -> Callable[[], SpanExporter]:

@@ -221,3 +221,41 @@ def test_a_forked_child_exports_through_an_exporter_of_its_own(tmp_path: Path) -
         assert [s.name for s in exporters[0].get_finished_spans()] == ["parent"]
     finally:
         tracing.shutdown()
+
+
+def test_with_the_endpoint_the_bootstrap_sets_tracing_up_once() -> None:
+    """Importing attaches nothing even with the variable set; ``bootstrap()`` sets the SDK and
+    Celery's instrumentation up, and a second call attaches nothing more."""
+    script = """
+import importlib, pkgutil, sys
+from celery.signals import before_task_publish, task_prerun
+import orchestrator, workers, web
+for package in (orchestrator, workers, web):
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if not info.name.startswith("orchestrator.proof"):
+            importlib.import_module(info.name)
+from orchestrator.ops import tracing
+imported = [m for m in sys.modules if m.startswith("opentelemetry")]
+before = (tracing.enabled(), len(task_prerun.receivers), len(before_task_publish.receivers))
+from orchestrator.bootstrap import bootstrap
+bootstrap()
+once = (tracing.enabled(), len(task_prerun.receivers), len(before_task_publish.receivers))
+bootstrap()
+twice = (tracing.enabled(), len(task_prerun.receivers), len(before_task_publish.receivers))
+print(imported, before, once, twice)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:9"  # never reached: no span is made
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Celery's prerun: the metrics' handler, then the instrumentation's; before_task_publish:
+    # only our context injection (the instrumentation's publish spans are left out).
+    last = done.stdout.strip().splitlines()[-1]
+    assert last == "[] (False, 0, 0) (True, 2, 1) (True, 2, 1)", last
