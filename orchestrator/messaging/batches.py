@@ -275,6 +275,7 @@ class BatchConsumer:
             # queue, so they leave this worker's hands as retries, and the in-hand gauge stays true.
             for d in self._unsettled.values():
                 process_metrics.task_finished(d.task_id, d.task, "RETRY")
+                tracing.finish(d.span, error="not settled: given back to the queue")
             self._unsettled = {}
         log.debug(
             "%s: batch of %d in %.1f ms",
