@@ -21,16 +21,15 @@ AMQP publishes, the batch consumers); all no-ops when tracing is off:
 - ``received(headers, name, attributes) -> span | None``: a CONSUMER span for one message of a
   batch, child of its ``traceparent``, not current; ``current(span)`` makes it current for a
   block (the work and log lines of that message), ``finish(span, error)`` ends it.
-- ``with consuming(headers, name, attributes):`` the same for one message handled alone.
 - ``with producing(headers, name, attributes):`` one message about to be sent: a PRODUCER span,
   current for the block, whose context is written into ``headers``.
 - ``with publishing([(headers, name, attributes), ...]):`` a batch sent at once: one PRODUCER
   span per message, child of the context in its own headers (else the current one), its context
   written back there; they end together when the block does (the broker confirmed).
 - ``dispatched(name, envelope, within) -> carrier``: a command decided now, as a span of the
-  saga's trace (``within``: its stored carrier), and that span's context to keep with the row.
-- ``with span(name, attributes, within=carrier):`` an internal span; ``within``, a stored
-  carrier of another trace, makes it join that trace (linked to the current span).
+  saga's trace (``within``: its stored carrier: a plain child of the current span when that is
+  in the saga's trace already, else a child of the stored context linked to the current span, as
+  for a sweep's re-send or an operator's retry), and that span's context to keep with the row.
 - ``inject(headers)``, ``carrier(span=None) -> dict``: the current (or a given span's) context as
   W3C headers; ``saga_trace(saga_id, business_key)``: what a new saga stores of it.
 - ``tag(attributes)``: attributes on the current span. ``envelope_attributes(envelope)``: the
@@ -319,17 +318,6 @@ def finish(span: Any, error: str | None = None) -> None:
     span.end()
 
 
-def consuming(
-    headers: Mapping[str, Any] | None, name: str, attributes: Attributes | None = None
-) -> AbstractContextManager[Any]:
-    """A CONSUMER span for one received message, child of its ``traceparent``; current inside."""
-    if _state is None:
-        return _NOTHING
-    return _state.tracer.start_as_current_span(
-        name, context=_extract(headers), kind=_kind("CONSUMER"), attributes=_clean(attributes)
-    )
-
-
 def producing(
     headers: Headers, name: str, attributes: Attributes | None = None
 ) -> AbstractContextManager[None]:
@@ -386,17 +374,6 @@ def _publishing(
             started.end()
 
 
-def span(
-    name: str, attributes: Attributes | None = None, within: Mapping[str, Any] | None = None
-) -> AbstractContextManager[None]:
-    """An internal span, child of the current one; or, when the carrier ``within`` names another
-    trace (a saga's, from a sweep or an operator's request), joining that trace with a link to
-    the current span."""
-    if _state is None:
-        return _NOTHING
-    return _span(_state, name, attributes, within)
-
-
 def _joined(within: Mapping[str, Any] | None) -> tuple[Any, list[Any]]:
     """The parent context and links of a span that belongs to the trace ``within`` names: a
     plain child of the current span when that is already in the trace, else a child of the
@@ -413,21 +390,10 @@ def _joined(within: Mapping[str, Any] | None) -> tuple[Any, list[Any]]:
     return stored, [trace.Link(current_span)] if current_span.is_valid else []
 
 
-@contextmanager
-def _span(
-    state: _State, name: str, attributes: Attributes | None, within: Mapping[str, Any] | None
-) -> Iterator[None]:
-    parent, links = _joined(within)
-    with state.tracer.start_as_current_span(
-        name, context=parent, links=links, attributes=_clean(attributes)
-    ):
-        yield
-
-
 def dispatched(
     name: str, envelope: Mapping[str, Any], within: Mapping[str, Any] | None
 ) -> dict[str, str]:
-    """A command the engine decides to send, as a span of its saga's trace (see ``span``), and
+    """A command the engine decides to send, as a span of its saga's trace (see ``_joined``), and
     that span's context: the headers its outbox row keeps, so whoever publishes it, now or
     minutes later, publishes in the saga's trace. ``{}`` when off."""
     if _state is None:

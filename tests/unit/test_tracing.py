@@ -47,7 +47,7 @@ def test_log_lines_carry_the_trace_id_when_a_span_is_active(
 ) -> None:
     assert "trace_id=" not in line(TextFormatter("web"))  # no span: no id
     assert "trace_id" not in json.loads(line(JsonFormatter("web")))
-    with tracing.span("work"):
+    with tracing.current(tracing.received({}, "work")):
         trace_id = tracing.current_trace_id()
         assert trace_id is not None and len(trace_id) == 32
         assert f"[saga_id=s-1 trace_id={trace_id}]" in line(TextFormatter("web"))
@@ -65,10 +65,8 @@ def test_a_consumer_span_is_a_child_of_the_message_traceparent(
     with tracing.producing(headers, "send", {tracing.SAGA_ID: "s-1"}):
         pass
     assert headers["traceparent"].startswith("00-")
-    with tracing.consuming(headers, "receive", {tracing.SAGA_ID: "s-1", "none": None}):
-        pass
-    with tracing.consuming({"saga_id": "s-2"}, "orphan"):
-        pass
+    tracing.finish(tracing.received(headers, "receive", {tracing.SAGA_ID: "s-1", "none": None}))
+    tracing.finish(tracing.received({"saga_id": "s-2"}, "orphan"))
     got = finished(spans)
     sent, received = got["send"], got["receive"]
     assert received.parent.span_id == sent.context.span_id  # type: ignore[attr-defined]
@@ -94,14 +92,18 @@ def test_a_batch_gets_one_span_per_message_each_under_its_own_parent(
         assert batch[i]["traceparent"].split("-")[2] == f"{publish.context.span_id:016x}"  # type: ignore[attr-defined]
 
 
-def test_a_span_within_a_saga_trace_joins_it_and_links_to_the_current_one(
+def test_a_dispatch_from_outside_a_saga_trace_joins_it_and_links_to_the_current_span(
     spans: InMemorySpanExporter,
 ) -> None:
     stored = tracing.saga_trace("s-1", "o-1")[tracing.TRACE_KEY]
-    with tracing.span("sweep"), tracing.span("dispatch", within=stored):
-        pass
-    with tracing.consuming(stored, "reply"), tracing.span("dispatch again", within=stored):
-        pass
+    sweep_run = tracing.received({}, "sweep")
+    with tracing.current(sweep_run):
+        tracing.dispatched("dispatch", {}, stored)
+    tracing.finish(sweep_run)
+    reply_run = tracing.received(stored, "reply")
+    with tracing.current(reply_run):
+        tracing.dispatched("dispatch again", {}, stored)
+    tracing.finish(reply_run)
     got = finished(spans)
     saga = next(s for s in got.values() if s.name.startswith("saga "))
     dispatch, sweep = got["dispatch"], got["sweep"]
@@ -129,7 +131,10 @@ def test_a_batch_message_span_is_current_only_where_its_work_is(
     tracing.finish(second, error="rejected: poison")
     got = finished(spans)
     one, two, dispatch = got["run/one"], got["run/two"], got["dispatch next"]
-    assert one.parent.span_id == next(s for s in got.values() if s.name.startswith("saga ")).context.span_id  # type: ignore[attr-defined]
+    assert (
+        one.parent.span_id
+        == next(s for s in got.values() if s.name.startswith("saga ")).context.span_id
+    )  # type: ignore[attr-defined]
     assert dispatch.parent.span_id == one.context.span_id and not dispatch.links  # type: ignore[attr-defined]
     assert trace["traceparent"].split("-")[2] == f"{dispatch.context.span_id:016x}"  # type: ignore[attr-defined]
     assert dict(dispatch.attributes) == {tracing.SAGA_ID: "s-1", tracing.ATTEMPT: 1}  # type: ignore[attr-defined]
@@ -141,8 +146,6 @@ def test_off_every_call_does_nothing() -> None:
     headers: dict[str, str] = {}
     with (
         tracing.producing(headers, "x"),
-        tracing.consuming({}, "y"),
-        tracing.span("z"),
         tracing.publishing([(headers, "p", None)]),
         tracing.current(tracing.received({}, "r")),
     ):
@@ -168,7 +171,7 @@ worker_app("orchestrator")
 worker_signals._fresh_pool_after_fork()
 create_app()
 assert not tracing.enabled() and not tracing.setup("web")
-with tracing.span("x"):
+with tracing.current(tracing.received({}, "x")):
     tracing.flush()
 row = outbox.row("payment.charge", {"saga_id": "s", "request_id": "r", "payload": {}})
 assert "traceparent" not in row.headers
@@ -200,16 +203,14 @@ def test_a_forked_child_exports_through_an_exporter_of_its_own(tmp_path: Path) -
     exporters: list[InMemorySpanExporter] = []
     assert tracing.setup("test", exporter=exporter)
     try:
-        with tracing.span("parent"):
-            pass
+        tracing.finish(tracing.received({}, "parent"))
         tracing.flush()
         pid = os.fork()
         if pid == 0:  # the child: its own exporter, started by after_fork
             code = 1
             try:
                 tracing.after_fork()
-                with tracing.span("child"):
-                    pass
+                tracing.finish(tracing.received({}, "child"))
                 tracing.flush()
                 names = [s.name for s in exporters[-1].get_finished_spans()]
                 code = 0 if len(exporters) == 2 and names == ["child"] else 2
