@@ -10,7 +10,12 @@ its entry, before it does any work: the ``sagactl`` commands (orchestrator/ops/c
 3. the session hooks: a transaction's timeline events and deferred outbox rows are written just
    before it commits (orchestrator/kernel/engine.py, orchestrator/messaging/outbox.py), its outbox
    rows published just after (the fast path, orchestrator/messaging/fastpath.py);
-4. Celery's signal handlers: logging, metrics, fork safety (orchestrator/messaging/worker_signals.py).
+4. Celery's signal handlers: logging, metrics, fork safety
+   (orchestrator/messaging/worker_signals.py);
+5. traces, when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (orchestrator/ops/tracing.py): the SDK, the
+   Celery instrumentation; the web adds Flask's in ``create_app``. Before a prefork pool forks:
+   each pool process makes its own exporter (``worker_signals``) for its task runs and its batch
+   consumer's spans.
 
 ``worker_app(name)`` also loads a worker's tasks (its module, from the registry) and its batch
 consumer (orchestrator/messaging/batches.py: the orchestrator's replies, or the service's
@@ -27,17 +32,19 @@ from celery import Celery
 from orchestrator import registry
 from orchestrator.kernel import engine
 from orchestrator.messaging import celery_app, fastpath, outbox, worker_signals
+from orchestrator.ops import tracing
 from orchestrator.ops.config import settings
 
 
 def bootstrap() -> Celery:
-    """Wire this process (steps 1-4 above); returns the Celery app, configured."""
+    """Wire this process (steps 1-5 above); returns the Celery app, configured."""
     registry.load()
     app = celery_app.configure(celery_app.app, settings())
     engine.hook_sessions()
     outbox.hook_sessions()
     fastpath.hook_sessions()
     worker_signals.connect()
+    tracing.setup(settings().process or "process")  # once: a second call finds it set up
     return app
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from flask_wtf.csrf import generate_csrf
 
+from orchestrator.ops import tracing
 from orchestrator.ops.config import settings
 from orchestrator.ops.logs import log_context, setup_logging
 
@@ -90,4 +91,5 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             response.headers["X-Request-Id"] = g.request_id
         return response
 
+    tracing.instrument_flask(app)  # each request a span (when this process traces at all)
     return app

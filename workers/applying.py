@@ -21,7 +21,8 @@ message (participant.py) or the batch consumer of a queue (batching.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ from orchestrator.messaging.envelopes import (
     trace_headers,
 )
 from orchestrator.messaging.topology import queue_for_task
-from orchestrator.ops import failpoints
+from orchestrator.ops import failpoints, tracing
 from orchestrator.ops.logs import log_context
 from workers import faults
 
@@ -76,12 +77,14 @@ PARTICIPANTS: dict[str, Participant] = {}
 @dataclass(frozen=True)
 class Incoming:
     """A command as delivered: ``retries`` is Celery's count of earlier tries of this dispatch;
-    ``task_id`` is given where Celery does not log the task's end itself (a batch consumer)."""
+    ``task_id`` is given where Celery does not log the task's end itself (a batch consumer);
+    ``span``: its run span there (tracing on), current wherever ``context()`` is."""
 
     command: Command
     retries: int = 0
     redelivered: bool = False
     task_id: str | None = None
+    span: Any = None
 
     @property
     def what(self) -> str:
@@ -99,13 +102,21 @@ class Incoming:
         return self.command.attempt + self.retries
 
     def context(self) -> Any:
+        """Its ids on every log line, and its run span current (tracing on, in a batch)."""
         payload = self.command.typed_payload()
-        return log_context(
+        ids = log_context(
             saga_id=self.command.saga_id,
             order_id=payload.business_key,
             step=self.command.type,
             request_id=self.command.request_id,
         )
+        return ids if self.span is None else _both(tracing.current(self.span), ids)
+
+
+@contextmanager
+def _both(first: Any, second: Any) -> Iterator[None]:
+    with first, second:
+        yield
 
 
 @dataclass(frozen=True)
@@ -127,9 +138,16 @@ def reply_headers(command: Command, envelope: dict[str, Any]) -> dict[str, str]:
 
 
 def send_reply(command: Command, attempt: int, payload: ReplyPayload) -> None:
-    """Publish one reply now (its own publisher confirm): the path of one message a task."""
+    """Publish one reply now (its own publisher confirm): the path of one message a task. With
+    tracing on, in a span of its own, child of the current one (the command's run)."""
     envelope = make_reply(command, attempt, payload)
-    app.send_task("saga.reply", args=[envelope], headers=reply_headers(command, envelope))
+    headers = reply_headers(command, envelope)
+    if not tracing.enabled():
+        app.send_task("saga.reply", args=[envelope], headers=headers)
+        return
+    attributes = tracing.envelope_attributes(envelope, headers)
+    with tracing.producing(headers, f"reply {envelope['type']}", attributes):
+        app.send_task("saga.reply", args=[envelope], headers=headers)
 
 
 def has_fault(incoming: Incoming) -> bool:

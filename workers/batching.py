@@ -27,7 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from orchestrator.messaging import batches
 from orchestrator.messaging.celery_app import app
 from orchestrator.messaging.envelopes import PoisonMessage, make_reply, parse_command
-from orchestrator.ops import process_metrics
+from orchestrator.ops import process_metrics, tracing
 from orchestrator.ops.config import settings
 from workers import faults, limits
 from workers.applying import (
@@ -104,7 +104,7 @@ def _held(delivery: batches.Delivery, incoming: Incoming) -> bool:
         delay, end = hang, "served"
     with incoming.context():
         faults.fired(command.typed_payload().fault or "", command, incoming.attempt)
-    _send_again(delivery, delay, retries=incoming.retries, extra={HANG_HEADER: end})
+        _send_again(delivery, delay, retries=incoming.retries, extra={HANG_HEADER: end})
     return True
 
 
@@ -134,6 +134,7 @@ def _read(delivery: batches.Delivery) -> Incoming:
         retries=int(delivery.headers.get("retries") or 0),
         redelivered=delivery.redelivered,
         task_id=delivery.task_id,
+        span=delivery.span,
     )
 
 
@@ -164,7 +165,15 @@ def _alone(incoming: Incoming) -> Verdict:
 def _settle(
     outcome: batches.Outcome, delivery: batches.Delivery, verdict: Verdict, now: bool = False
 ) -> None:
-    """Add the verdict to the batch's outcome (``now``: send its reply at once instead)."""
+    """Add the verdict to the batch's outcome (``now``: send its reply at once instead). What
+    it sends carries the command's trace: its run span is current meanwhile (tracing on)."""
+    with tracing.current(delivery.span):
+        _add(outcome, delivery, verdict, now)
+
+
+def _add(
+    outcome: batches.Outcome, delivery: batches.Delivery, verdict: Verdict, now: bool
+) -> None:
     incoming = verdict.incoming
     if verdict.error is not None:
         outcome.rejected.append((delivery, f"{type(verdict.error).__name__}: {verdict.error}"))
@@ -176,9 +185,10 @@ def _settle(
     else:
         envelope = make_reply(incoming.command, incoming.attempt, verdict.reply)
         reply = batches.outgoing("saga.reply", envelope)
-        outcome.publish.append(
-            dataclasses.replace(reply, headers=reply_headers(incoming.command, envelope))
-        )
+        headers = reply_headers(incoming.command, envelope)
+        if delivery.span is not None:  # published after the commit: its parent, the run span
+            headers.update(tracing.carrier(delivery.span))
+        outcome.publish.append(dataclasses.replace(reply, headers=headers))
     if verdict.retry_in_s is not None:
         outcome.states[id(delivery)] = "RETRY"
         # What task.retry(countdown=...) sends: the same task message, one retry more.

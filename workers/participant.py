@@ -27,6 +27,7 @@ from orchestrator.messaging.envelopes import (
     PoisonMessage,
     parse_command,
 )
+from orchestrator.ops import tracing
 from workers.applying import (
     PARTICIPANTS,
     Incoming,
@@ -55,6 +56,8 @@ def run(task: Task, envelope: Any) -> str:
         retries=task.request.retries,
         redelivered=bool((task.request.delivery_info or {}).get("redelivered")),
     )
+    if tracing.enabled():  # the Celery instrumentation's run span: the saga's ids on it
+        tracing.tag({**tracing.envelope_attributes(envelope), tracing.ATTEMPT: incoming.attempt})
     verdict = apply_alone(incoming)
     if verdict.error is not None:
         raise verdict.error  # Celery rejects it (acks_on_failure off): dead-lettered

@@ -7,6 +7,11 @@ committed. A reply is applied only if its request id is the one the saga waits f
 
 Generic: a saga is a definition version from the registry, a business key and a context. What a
 state change means for the business happens in the definition's ``on_state`` hook.
+
+Traces (when on): a saga keeps its trace context in its context (``tracing.TRACE_KEY``) from its
+start, and every command is dispatched as a span of that trace whoever dispatches it (a reply, a
+sweep, an operator), its outbox row keeping that span's ``traceparent``: one saga, one trace
+(orchestrator/ops/tracing.py).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from orchestrator.messaging.envelopes import (
     RetrySpec,
     make_command,
 )
+from orchestrator.ops import tracing
 from orchestrator.ops.config import settings
 from orchestrator.registry import Registered, TimelineEvent
 
@@ -99,7 +105,9 @@ def command_of(definition: SagaDefinition, index: int, kind: PhaseKind) -> str:
 
 
 class Enqueue(Protocol):
-    def __call__(self, task: str, envelope: dict[str, Any], *, held: bool = False) -> None: ...
+    def __call__(
+        self, task: str, envelope: dict[str, Any], trace: dict[str, str], *, held: bool = False
+    ) -> None: ...
 
 
 class SagaStart:
@@ -112,14 +120,16 @@ class SagaStart:
         self.saga_id = uuid.uuid4()
         self.saga: dict[str, Any] = {}
         self.steps: list[dict[str, Any]] = []
-        self.commands: list[tuple[str, dict[str, Any], bool]] = []  # (task, envelope, held)
+        self.rows: list[tuple[Any, bool]] = []  # the first command(s): (outbox.row, held)
 
     @property
     def events(self) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], self.info.get(EVENTS_KEY, []))
 
-    def enqueue(self, task: str, envelope: dict[str, Any], *, held: bool = False) -> None:
-        self.commands.append((task, envelope, held))
+    def enqueue(
+        self, task: str, envelope: dict[str, Any], trace: dict[str, str], *, held: bool = False
+    ) -> None:
+        self.rows.append((outbox.row(task, envelope, trace=trace), held))
 
 
 def saga_start(
@@ -138,6 +148,8 @@ def saga_start(
     start = SagaStart()
     saga_id = start.saga_id
     snap, dispatches = initial(reg.definition)
+    if tracing.enabled():  # its trace: the request's that starts it; its commands join it
+        context = {**context, **tracing.saga_trace(saga_id, business_key)}
     saga = _SagaDraft(
         id=saga_id,
         business_key=business_key,
@@ -194,8 +206,8 @@ def start_saga(
     start = saga_start(
         definition, business_key, context, holding=holding, detail=detail, now=now
     )
-    for task, envelope, held in start.commands:
-        outbox.enqueue(session, task, envelope, held=held)
+    for row, held in start.rows:
+        outbox.add(session, row, held=held)
     # Core INSERTs, never ORM objects added to the session: the ORM unit of work for these
     # objects was about 30 % of the web's CPU per order.
     session.execute(sa.insert(cast(sa.Table, Saga.__table__)), [start.saga])
@@ -495,10 +507,16 @@ def _dispatch(
             )
             row.deadline_at = now + timedelta(seconds=step_timeout_s(definition, d.index))
             saga.held_since = None
+        # In the saga's trace even when a sweep or an operator's request sends it.
+        trace = (
+            tracing.dispatched(f"dispatch {command}", envelope, saga.context.get(tracing.TRACE_KEY))
+            if tracing.enabled()
+            else {}
+        )
         if enqueue is not None:
-            enqueue(command, envelope, held=held)
+            enqueue(command, envelope, trace, held=held)
         else:
-            outbox.enqueue(session, command, envelope, held=held)
+            outbox.enqueue(session, command, envelope, trace, held=held)
 
 
 # ---------------------------------------------------------------- replies

@@ -6,7 +6,8 @@ changes), and commits once: the changed rows go out in the ORM's grouped UPDATEs
 one INSERT, the commands' outbox rows in one INSERT (``outbox.defer_inserts``). The commands are
 then the caller's to publish (``Applied.publish``): see ``tasks.on_batch``. Once committed, the
 replies are the circuit breaker's evidence (``observe``): counted once, however often their
-transaction was run.
+transaction was run. With tracing on, each reply is applied with its own run span current
+(``spans``), so the commands it dispatches are children of it, in its saga's trace.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from models.sagas import Saga
 from orchestrator.kernel import breaker, engine
 from orchestrator.messaging import fastpath, outbox
 from orchestrator.messaging.envelopes import Reply
-from orchestrator.ops import failpoints
+from orchestrator.ops import failpoints, tracing
 from orchestrator.ops.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,10 @@ class Applied:
     refused: dict[int, str] = field(default_factory=dict)  # index in the batch -> why
 
 
-def apply_batch(replies: list[Reply]) -> Applied:
+def apply_batch(replies: list[Reply], spans: list[Any] | None = None) -> Applied:
     """Apply the replies in one transaction (rerun as a whole on a deadlock or a lost
     connection); a reply for an unknown saga, or naming a command its saga does not know, is
-    refused on its own and the others still apply."""
+    refused on its own and the others still apply. ``spans``: each reply's run span (tracing)."""
 
     def work(session: Session) -> Applied:
         outbox.defer_inserts(session)
@@ -83,7 +84,8 @@ def apply_batch(replies: list[Reply]) -> Applied:
                 applied.refused[i] = UNKNOWN_SAGA
                 continue
             try:
-                applied.results.append(apply_reply(session, saga, msg))
+                with tracing.current(spans[i] if spans else None):
+                    applied.results.append(apply_reply(session, saga, msg))
             except LookupError as exc:  # raised before the saga was touched (by_command)
                 applied.results.append(None)
                 applied.refused[i] = f"not a command of saga {saga.id}: {exc}"

@@ -26,7 +26,7 @@ from orchestrator.kernel import engine, release, replies, service_states, sweepe
 from orchestrator.messaging import batches, fastpath
 from orchestrator.messaging.celery_app import app
 from orchestrator.messaging.envelopes import PoisonMessage, Reply, parse_reply
-from orchestrator.ops import failpoints
+from orchestrator.ops import failpoints, tracing
 from orchestrator.registry import ORCHESTRATOR_QUEUE
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def reply(self: Task, envelope: Any) -> str:
         msg = parse_reply(envelope)
     except PoisonMessage as exc:
         raise Reject(str(exc), requeue=False) from exc
+    tracing.tag(tracing.envelope_attributes(envelope, vars(self.request)))  # the run's span
 
     def work(session: Any) -> str:
         saga = engine.lock_saga(session, msg.saga_id)
@@ -100,13 +101,15 @@ def on_batch(deliveries: list[batches.Delivery]) -> batches.Outcome:
                 log.error("poison reply rejected to the dead-letter queue: %s", exc)
                 outcome.rejected.append((d, str(exc)))
     if taken:
-        applied = replies.apply_batch([msg for _, msg in taken])
+        spans = [d.span for d, _ in taken] if tracing.enabled() else None
+        applied = replies.apply_batch([msg for _, msg in taken], spans)
         for i, ((d, msg), result) in enumerate(zip(taken, applied.results, strict=True)):
             if i in applied.refused:
                 outcome.rejected.append((d, applied.refused[i]))
             else:
                 replies.observe(msg)
-            replies.log_applied(msg, result or applied.refused[i])
+            with tracing.current(d.span):
+                replies.log_applied(msg, result or applied.refused[i])
         outcome.publish = applied.publish  # the batch's commands, sent by batches.py
 
         def after_publish() -> None:
@@ -114,8 +117,10 @@ def on_batch(deliveries: list[batches.Delivery]) -> batches.Outcome:
             failpoints.hit("orchestrator.after_commit", batch=len(taken))
 
         outcome.after_publish = after_publish
-    if any(not _expired(d) for d in ticks):
-        sweep()  # several ticks in one batch: one sweep does their work
+    due = [d for d in ticks if not _expired(d)]
+    if due:
+        with tracing.current(due[0].span):  # what it re-sends links to this run
+            sweep()  # several ticks in one batch: one sweep does their work
     for d in releases:
         service = d.args[0] if d.args and isinstance(d.args[0], str) else None
         if service is None:

@@ -27,7 +27,11 @@ The API (stable; a change is written down in /work/wt/b1-API-CHANGES.md)::
         - return an ``Outcome``.
 
     Delivery: one message as received (Celery protocol 2): ``task`` (its name), ``task_id``,
-        ``args``, ``kwargs``, ``headers``, ``redelivered``.
+        ``args``, ``kwargs``, ``headers``, ``redelivered``; with tracing on, ``span``: its
+        CONSUMER span ``run/<task>`` (a child of the ``traceparent`` it came with), started when
+        the batch begins and ended when it is acked, rejected or requeued. A handler makes it
+        current (``tracing.current``) around that message's work, so what it logs carries the
+        trace id and what it sends joins the trace.
     Outcome(publish=[...], rejected=[(delivery, why), ...], after_publish=None)
         ``publish``: messages to send after the commit, each with the attributes
         ``outbox.to_wire`` reads (``message_id, task, queue, headers, envelope``; ``outgoing()``
@@ -76,7 +80,7 @@ from sqlalchemy.exc import DBAPIError
 
 from orchestrator.messaging import outbox
 from orchestrator.messaging.topology import service_queues
-from orchestrator.ops import failpoints, process_metrics
+from orchestrator.ops import failpoints, process_metrics, tracing
 from orchestrator.ops.config import settings
 from orchestrator.ops.logs import log_context
 
@@ -102,6 +106,7 @@ class Delivery:
     headers: dict[str, Any]
     redelivered: bool
     message: Any = field(repr=False)  # the kombu message: acked or rejected by the consumer
+    span: Any = field(default=None, repr=False)  # tracing on: its run span (tracing.received)
 
 
 @dataclass
@@ -126,7 +131,8 @@ class Poison(ValueError):
     """A message that cannot be read as a Celery task message."""
 
 
-def decode(message: Any) -> Delivery:
+def decode(message: Any, traced: bool = False) -> Delivery:
+    """The message as a Delivery; ``traced``: with its run span started."""
     headers = dict(message.headers or {})
     task = headers.get("task")
     try:
@@ -144,7 +150,17 @@ def decode(message: Any) -> Delivery:
         headers=headers,
         redelivered=bool(message.delivery_info.get("redelivered")),
         message=message,
+        span=_run_span(task, args, headers) if traced else None,
     )
+
+
+def _run_span(task: str, args: list[Any], headers: dict[str, Any]) -> Any:
+    """What Celery's instrumentation would start for the task's run: ``run/<task>``, with the
+    saga's ids; its attempt counts the tries of this dispatch (a retry's ``retries`` header)."""
+    attributes = tracing.envelope_attributes(args[0] if args else {}, headers)
+    if isinstance(attributes.get(tracing.ATTEMPT), int) and headers.get("retries"):
+        attributes[tracing.ATTEMPT] += int(headers["retries"])
+    return tracing.received(headers, f"run/{task}", attributes)
 
 
 class BatchConsumer:
@@ -237,9 +253,10 @@ class BatchConsumer:
     def _run_batch(self, messages: list[Any], stop: threading.Event) -> None:
         began = time.perf_counter()
         deliveries: list[Delivery] = []
+        traced = tracing.enabled()
         for message in messages:
             try:
-                deliveries.append(decode(message))
+                deliveries.append(decode(message, traced))
             except Poison as exc:
                 log.error("%s: rejected to the dead-letter queue: %s", self.queue, exc)
                 message.reject(requeue=False)
@@ -258,6 +275,7 @@ class BatchConsumer:
             # queue, so they leave this worker's hands as retries, and the in-hand gauge stays true.
             for d in self._unsettled.values():
                 process_metrics.task_finished(d.task_id, d.task, "RETRY")
+                tracing.finish(d.span, error="not settled: given back to the queue")
             self._unsettled = {}
         log.debug(
             "%s: batch of %d in %.1f ms",
@@ -362,6 +380,7 @@ class BatchConsumer:
                 self._unsettled.pop(id(d), None)
                 process_metrics.task_finished(d.task_id, d.task, states.get(id(d), "REJECTED"))
                 _events.send("rejected", d, requeue=False)
+                tracing.finish(d.span, error=rejected[id(d)])
         for d in batch:
             if id(d) in rejected:
                 continue
@@ -376,6 +395,7 @@ class BatchConsumer:
                 self._unsettled.pop(id(d), None)
                 process_metrics.task_finished(d.task_id, d.task, "RETRY")
                 _events.send("retried", d)
+            tracing.finish(d.span)
 
 
 # ---------------------------------------------------------------- wiring into a Celery worker
@@ -552,6 +572,7 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
     _finish_here()
     fastpath.flush()
     process_metrics.mark_exited()
+    tracing.flush()
     os._exit(0)
 
 
@@ -560,3 +581,4 @@ def _pool_process_leaving(**_: Any) -> None:
 
     _finish_here()
     fastpath.flush()  # the last batch's sent marks
+    tracing.flush()  # and the last batch's spans

@@ -28,7 +28,7 @@ from models.enums import DeadLetterState, Reason
 from orchestrator.kernel import engine
 from orchestrator.messaging.celery_app import PUBLISH_RETRY_POLICY
 from orchestrator.messaging.topology import TASK_EXCHANGE, dead_letter_queues, declare_all
-from orchestrator.ops import process_metrics
+from orchestrator.ops import process_metrics, tracing
 from orchestrator.ops.config import settings
 from orchestrator.ops.masking import mask_text
 from orchestrator.registry import TimelineEvent
@@ -267,18 +267,21 @@ def replay(letter_id: int, actor: str) -> None:
         # Declared first: an undeclared exchange fails the publish, a missing queue drops it.
         declare_all(conn.default_channel)
         producer = Producer(conn.default_channel)
-        producer.publish(
-            body,
-            exchange=TASK_EXCHANGE,
-            routing_key=routing_key,
-            headers=headers,
-            content_type=props.get("content_type", "application/json"),
-            content_encoding=props.get("content_encoding", "utf-8"),
-            correlation_id=props.get("correlation_id"),
-            delivery_mode=2,
-            retry=True,
-            retry_policy=PUBLISH_RETRY_POLICY,
-        )
+        # In the saga's trace: the letter kept the traceparent its message was published with.
+        replayed = {tracing.SAGA_ID: headers.get("saga_id"), tracing.PUBLISHER: "replay"}
+        with tracing.publishing([(headers, f"replay {routing_key}", replayed)]):
+            producer.publish(
+                body,
+                exchange=TASK_EXCHANGE,
+                routing_key=routing_key,
+                headers=headers,
+                content_type=props.get("content_type", "application/json"),
+                content_encoding=props.get("content_encoding", "utf-8"),
+                correlation_id=props.get("correlation_id"),
+                delivery_mode=2,
+                retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY,
+            )
     _resolve(letter_id, DeadLetterState.REPLAYED, actor)
 
 

@@ -8,6 +8,10 @@ NOTIFY that fires on commit and wakes the relay at once. The relay claims unsent
 as Celery task messages with pipelined publisher confirms, and marks them sent in the same
 transaction. A relay killed after publishing and before its commit leaves the
 rows unsent: they are published again, and the participants' idempotency makes that harmless.
+
+Traces (when on): a row's headers keep the ``traceparent`` of the span that dispatched it, so
+whoever publishes it, now or minutes later, does so in a span of the saga's trace
+(``ConfirmingPublisher.publish``, orchestrator/ops/tracing.py).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from orchestrator.messaging import fastpath
 from orchestrator.messaging.celery_app import app as celery_app
 from orchestrator.messaging.envelopes import trace_headers
 from orchestrator.messaging.topology import TASK_EXCHANGE, declare_all, queue_for_task
-from orchestrator.ops import failpoints, process_metrics
+from orchestrator.ops import failpoints, process_metrics, tracing
 from orchestrator.ops.config import settings
 
 log = logging.getLogger(__name__)
@@ -55,14 +59,22 @@ class _Row:
     envelope: dict[str, Any]
 
 
-def row(task: str, envelope: dict[str, Any], message_id: uuid.UUID | None = None) -> _Row:
+def row(
+    task: str,
+    envelope: dict[str, Any],
+    message_id: uuid.UUID | None = None,
+    trace: dict[str, str] | None = None,
+) -> _Row:
     """A command as a row (what ``to_wire`` reads), to ``task``'s queue; ``columns`` adds the
-    saga id for an INSERT."""
+    saga id for an INSERT. ``trace``: the W3C headers of the span it was decided in."""
+    headers = trace_headers(envelope)
+    if trace:
+        headers.update(trace)
     return _Row(
         message_id=message_id or uuid.uuid4(),
         task=task,
         queue=queue_for_task(task),
-        headers=trace_headers(envelope),
+        headers=headers,
         envelope=envelope,
     )
 
@@ -77,10 +89,21 @@ def columns(new: _Row, *, held: bool = False) -> dict[str, Any]:
     }
 
 
-def enqueue(session: Session, task: str, envelope: dict[str, Any], *, held: bool = False) -> None:
+def enqueue(
+    session: Session,
+    task: str,
+    envelope: dict[str, Any],
+    trace: dict[str, str] | None = None,
+    *,
+    held: bool = False,
+) -> None:
     """Add a command to the outbox in the caller's transaction (see ``defer_inserts``); a
     ``held`` one stays unsent until its service's release dispatches it anew."""
-    new = row(task, envelope)
+    add(session, row(task, envelope, trace=trace), held=held)
+
+
+def add(session: Session, new: _Row, *, held: bool = False) -> None:
+    """Add a row made by ``row`` to the outbox in the caller's transaction."""
     deferred: list[dict[str, Any]] | None = session.info.get(DEFERRED_KEY)
     if deferred is not None:
         deferred.append(columns(new, held=held))
@@ -149,6 +172,8 @@ class _Wire:
     body: bytes
     properties: dict[str, Any]
     routing_key: str
+    task: str = ""
+    envelope: dict[str, Any] | None = None  # read only for a span's attributes (tracing on)
 
 
 def to_wire(row: Any) -> _Wire:
@@ -177,6 +202,8 @@ def to_wire(row: Any) -> _Wire:
         body=body if isinstance(body, bytes) else body.encode(),
         properties=properties,
         routing_key=row.queue,
+        task=row.task,
+        envelope=row.envelope,
     )
 
 
@@ -238,7 +265,26 @@ class ConfirmingPublisher:
     def publish(self, wires: list[_Wire], timeout_s: float = 10.0) -> None:
         """Publish all, then block until the broker confirmed all; raise if any was refused."""
         with process_metrics.publishing(self.source, len(wires)):
-            self._publish(wires, timeout_s)
+            if not tracing.enabled():
+                self._publish(wires, timeout_s)
+                return
+            # A span per message, child of the dispatch its row's headers name; the message
+            # then names its publish span, which its consumer's span becomes a child of.
+            messages = [
+                (w.properties.setdefault("application_headers", {}), f"publish {w.task}", a)
+                for w, a in zip(wires, map(self._span_of, wires), strict=True)
+            ]
+            with tracing.publishing(messages):
+                self._publish(wires, timeout_s)
+
+    def _span_of(self, wire: _Wire) -> dict[str, Any]:
+        headers = wire.properties.get("application_headers")
+        return {
+            **tracing.envelope_attributes(wire.envelope or {}, headers),
+            tracing.PUBLISHER: self.source,
+            "messaging.system": "rabbitmq",
+            "messaging.destination.name": wire.routing_key,
+        }
 
     def _publish(self, wires: list[_Wire], timeout_s: float) -> None:
         if self._channel is None:

@@ -39,18 +39,21 @@ def _every_command_has_a_handler(sender: object = None, **_: object) -> None:
 
 def _fresh_pool_after_fork(**_: object) -> None:
     from models.db import dispose_after_fork
+    from orchestrator.ops import tracing
 
     dispose_after_fork()
+    tracing.after_fork()  # this pool process's own span exporter
 
 
 def _write_sent_marks(**_: object) -> None:
     """A child leaving cleanly marks what its fast path published (else the relay resends it),
-    and its live gauges stop counting."""
+    its live gauges stop counting, and its spans are exported."""
     from orchestrator.messaging import fastpath
-    from orchestrator.ops import process_metrics
+    from orchestrator.ops import process_metrics, tracing
 
     fastpath.flush()
     process_metrics.mark_exited()
+    tracing.flush()  # a pool process leaves by os._exit: no atexit export
 
 
 def _serve_metrics(**_: object) -> None:

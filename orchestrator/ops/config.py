@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     breaker_threshold: float = _env("SAGA_BREAKER_THRESHOLD", 0.5, gt=0, le=1)
     breaker_min_calls: int = _env("SAGA_BREAKER_MIN_CALLS", 20, ge=1)
     breaker_cooldown_s: float = _env("SAGA_BREAKER_COOLDOWN_S", 30.0, gt=0)
+    # Traces by OTLP/HTTP to <endpoint>/v1/traces (orchestrator/ops/tracing.py); unset: none, and
+    # OpenTelemetry is not even imported.
+    otel_endpoint: str = _env("OTEL_EXPORTER_OTLP_ENDPOINT", "")
 
     # --- where state lives (before the secrets: development secrets are kept there)
     xdg_state_home: Path | None = _env("XDG_STATE_HOME")

@@ -1,6 +1,8 @@
 """Logging with the saga's ids on every line: text for people, one JSON object a line on request.
 
-Ids come from a context (``log_context``) set by each task and request, or from ``extra=``.
+Ids come from a context (``log_context``) set by each task and request, or from ``extra=``; with
+tracing on, each line also carries the current trace's id (``trace_id``,
+orchestrator/ops/tracing.py).
 ``SAGA_LOG_JSON=1`` switches to JSON; ``SAGA_LOG_LEVEL`` sets the level (default INFO).
 Every line is masked (card tokens) and has its control characters escaped, so text from outside
 (a header, a note, an error message) can never start a forged line or move a terminal's cursor.
@@ -17,10 +19,12 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from orchestrator.ops import tracing
 from orchestrator.ops.config import settings
 from orchestrator.ops.masking import mask_text
 
-FIELDS = ("saga_id", "order_id", "step", "request_id")
+FIELDS = ("saga_id", "order_id", "step", "request_id")  # set by log_context
+LINE_FIELDS = (*FIELDS, "trace_id")  # what a line shows: those, and the current trace's id
 _context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "saga_log", default=None
 )
@@ -73,6 +77,8 @@ class ContextFilter(logging.Filter):
         for field in FIELDS:
             if getattr(record, field, None) is None:
                 setattr(record, field, ids.get(field))
+        if getattr(record, "trace_id", None) is None:
+            record.trace_id = tracing.current_trace_id()
         return True
 
 
@@ -89,7 +95,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": safe_line(record.getMessage()),
         }
-        for field in FIELDS:
+        for field in LINE_FIELDS:
             value = getattr(record, field, None)
             if value is not None:
                 data[field] = safe_line(str(value))
@@ -103,7 +109,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s " + process + " %(ids)s%(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        ids = " ".join(f"{f}={getattr(record, f)}" for f in FIELDS if getattr(record, f, None))
+        ids = " ".join(f"{f}={getattr(record, f)}" for f in LINE_FIELDS if getattr(record, f, None))
         record.ids = f"[{ids}] " if ids else ""
         # The whole line, traceback included: one record is one line, whatever its text holds.
         return safe_line(super().format(record))
@@ -117,3 +123,4 @@ def setup_logging(process: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(cfg.log_level)
+    tracing.announce()  # set up earlier, by the bootstrap, before there was a handler

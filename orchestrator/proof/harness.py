@@ -334,12 +334,15 @@ class Processes:
     def tail(self, name: str, lines: int = 40) -> str:
         return "\n".join(self.output(name).splitlines()[-lines:])
 
-    def start_all(self, names: Iterable[str] | None = None) -> None:
-        """Start every process and wait until each is ready; on failure, stop them all again."""
+    def start_all(
+        self, names: Iterable[str] | None = None, env: dict[str, dict[str, str]] | None = None
+    ) -> None:
+        """Start every process (``env``: extra variables of some, by name) and wait until each is
+        ready; on failure, stop them all again."""
         names = list(process_table() if names is None else names)
         try:
             for name in names:
-                self.start(name, wait=False)
+                self.start(name, wait=False, **(env or {}).get(name, {}))
             for name in names:
                 self.wait_ready(name)
         except BaseException:

@@ -127,7 +127,7 @@ def write_order(conn: Any, new: NewOrder, marks: list[fastpath.Mark] | None = No
             detail=f"order {order_id}",
             now=now,
         )
-        commands = [(outbox.row(task, envelope), held) for task, envelope, held in start.commands]
+        commands = start.rows
         rows = [row for row, held in commands if not held]  # to publish once committed
         order = {"id": order_id, "customer_id": new.customer_id, "status": OrderStatus.PENDING,
                  "reason": None, "total_cents": total, "card_last4": new.card_token[-4:],
