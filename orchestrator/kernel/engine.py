@@ -24,6 +24,7 @@ from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm.attributes import flag_modified
 
 from models.enums import CompensationStatus, Reason, SagaState, StepStatus
 from models.sagas import Phase, PhaseKind, Saga, SagaEvent, SagaStep
@@ -308,12 +309,40 @@ _hooked = False
 
 
 def hook_sessions() -> None:
-    """Write each transaction's timeline events just before it commits (bootstrap calls this)."""
+    """Write each transaction's timeline events just before it commits, and its changed saga and
+    step rows as one executemany per table (bootstrap calls this)."""
     global _hooked
-    for name, fn in (("before_commit", _write_events), ("after_rollback", _forget_events)):
+    hooks = (
+        ("before_commit", _write_events),
+        ("after_rollback", _forget_events),
+        ("before_flush", _uniform_updates),
+    )
+    for name, fn in hooks:
         if not sa.event.contains(Session, name, fn):
             sa.event.listen(Session, name, fn)
     _hooked = True
+
+
+# What never changes once a saga is written; the engine moves the other columns.
+_FIXED = {"id", "business_key", "definition", "definition_version", "context", "created_at",
+          "saga_id", "idx", "name", "compensation"}  # fmt: skip
+_MOVED = {
+    model: [c.key for c in cast(sa.Table, model.__table__).columns if c.key not in _FIXED]
+    for model in (Saga, SagaStep)
+}
+
+
+def _uniform_updates(session: Session, *_: object) -> None:
+    # The unit of work groups rows into one executemany only while consecutive rows changed the
+    # same columns; a batch's steps alternate (the one that ended, the one dispatched), so each
+    # was an UPDATE of its own, 40 for a batch of 20 replies. Every changed saga or step row is
+    # written with all the columns the engine moves: one executemany per table. The extra values
+    # are the row's own, read under the saga's lock.
+    for obj in session.dirty:
+        moved = _MOVED.get(type(obj))
+        if moved and session.is_modified(obj, include_collections=False):
+            for key in moved:
+                flag_modified(obj, key)
 
 
 def _write_events(session: Session) -> None:
