@@ -65,6 +65,15 @@ def transaction() -> Iterator[Session]:
         yield session
 
 
+@contextmanager
+def snapshot() -> Iterator[Session]:
+    """A read of several tables as of one moment (REPEATABLE READ): a view that reads an order and
+    then its saga never shows one ahead of the other (READ COMMITTED lets a commit land between)."""
+    with new_session() as session, session.begin():
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        yield session
+
+
 def dispose_after_fork() -> None:
     """A forked child must not share its parent's sockets (SQLAlchemy pooling docs)."""
     get_engine().dispose(close=False)

@@ -18,7 +18,7 @@ from flask import (
     url_for,
 )
 
-from models.db import transaction
+from models.db import snapshot, transaction
 from orchestrator import queries
 from orchestrator.ops.logs import log_context
 from orchestrator.sagas import once, returning
@@ -157,7 +157,7 @@ def create() -> Response | tuple[Response, int]:
 
 
 def _status(order_id: uuid.UUID) -> str:
-    with transaction() as session:
+    with snapshot() as session:
         view = queries.order_view(session, order_id)
     return view["status"] if view else "pending"
 
@@ -177,7 +177,7 @@ def show(order_id: str) -> Response | str:
         ident = uuid.UUID(order_id)
     except ValueError as exc:
         raise ApiError(404, "not_found", "no such order") from exc
-    with transaction() as session:
+    with snapshot() as session:
         view = queries.order_view(session, ident)
     if view is None:
         raise ApiError(404, "not_found", "no such order")
