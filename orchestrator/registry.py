@@ -96,7 +96,7 @@ class Command:
 
 
 PayloadBuilder = Callable[[str, dict[str, Any], Any, Reason | None], "BaseModel"]
-StateHook = Callable[["Session", "Saga", SagaState], None]
+StateHook = Callable[["Session", "Saga", SagaState, SagaState], None]
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class Registered:
     """One version of a saga definition with what the kernel needs to run it.
 
     ``build_payload(command, context, retry, reason)``: a command's payload from the saga context.
-    ``on_state(session, saga, new_state)``: the business side of a saga's state change, in the
+    ``on_state(session, saga, new_state, old_state)``: the business side of a saga's state change, in the
     transition's transaction. ``outcomes``: the business status that goes with each final state
     (the audit's invariant 4). ``lock_file``: where this definition's released fingerprints live.
     """

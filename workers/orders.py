@@ -21,6 +21,22 @@ __all__ = ["abort_return", "app", "cancel", "complete_return", "confirm"]
 
 
 _LOCKED = "orders.locked"  # Session.info: the transaction's locked orders and reservations
+# Built once, ids bound per transaction (a statement built per batch cost more than its rows).
+_LOCK_ORDERS = (
+    sa.select(Order)
+    .where(Order.id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(Order.id)
+    .with_for_update()
+    .options(lazyload(Order.lines))  # no handler reads them
+    .execution_options(populate_existing=True)
+)
+_LOCK_RESERVATIONS = (
+    sa.select(Reservation)
+    .where(Reservation.saga_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(Reservation.saga_id)
+    .with_for_update()
+    .execution_options(populate_existing=True)
+)
 
 
 def lock_orders(session: Session, commands: list[Command]) -> None:
@@ -32,23 +48,11 @@ def lock_orders(session: Session, commands: list[Command]) -> None:
     if confirms:
         stock.lock_for(session, confirms)
     order_ids = sorted({_payload(c).order_id for c in commands})
-    orders = session.scalars(
-        sa.select(Order)
-        .where(Order.id.in_(order_ids))
-        .order_by(Order.id)
-        .with_for_update()
-        .options(lazyload(Order.lines))  # no handler reads them
-        .execution_options(populate_existing=True)
-    )
+    orders = session.scalars(_LOCK_ORDERS, {"ids": order_ids})
     locked: dict[Any, Any] = {order.id: order for order in orders}
     if confirms:
-        reservations = session.scalars(
-            sa.select(Reservation)
-            .where(Reservation.saga_id.in_(sorted({c.saga_id for c in confirms})))
-            .order_by(Reservation.saga_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
+        sagas = sorted({c.saga_id for c in confirms})
+        reservations = session.scalars(_LOCK_RESERVATIONS, {"ids": sagas})
         locked.update({("reservation", r.saga_id): r for r in reservations})
     session.info[_LOCKED] = locked
 

@@ -15,7 +15,7 @@ import contextlib
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -27,6 +27,32 @@ from orchestrator.messaging.envelopes import Command
 
 BUCKETS = ("available", "reserved", "sold")
 _KEY = "stock_ledger"  # where a session keeps its ledger (Session.info)
+
+
+# Built once, values bound per transaction: building and cache-keying a statement per batch was a
+# third of a small batch's CPU.
+_PRODUCTS = cast(sa.Table, Product.__table__)
+_LOCK_PRODUCTS = (
+    sa.select(_PRODUCTS.c.sku, _PRODUCTS.c.available, _PRODUCTS.c.reserved, _PRODUCTS.c.sold)
+    .where(_PRODUCTS.c.sku.in_(sa.bindparam("skus", expanding=True)))
+    .order_by(_PRODUCTS.c.sku)
+    .with_for_update()
+)
+_WRITE_PRODUCT = (
+    sa.update(_PRODUCTS)
+    .where(_PRODUCTS.c.sku == sa.bindparam("b_sku"))
+    .values(
+        available=sa.bindparam("b_available"),
+        reserved=sa.bindparam("b_reserved"),
+        sold=sa.bindparam("b_sold"),
+    )
+)
+_RESERVED_LINES = sa.select(Reservation.lines).where(
+    sa.or_(
+        Reservation.saga_id.in_(sa.bindparam("sagas", expanding=True)),
+        Reservation.order_id.in_(sa.bindparam("orders", expanding=True)),
+    )
+)
 
 
 class Shortage(Exception):
@@ -53,12 +79,7 @@ class Ledger:
         wanted = sorted(set(skus) - self.levels.keys())
         if not wanted:
             return
-        rows = self.session.execute(
-            sa.select(Product.sku, Product.available, Product.reserved, Product.sold)
-            .where(Product.sku.in_(wanted))
-            .order_by(Product.sku)
-            .with_for_update()
-        )
+        rows = self.session.execute(_LOCK_PRODUCTS, {"skus": wanted})
         found = {sku: _Level(available, reserved, sold) for sku, available, reserved, sold in rows}
         for sku in wanted:
             self.levels[sku] = found.get(sku)
@@ -97,15 +118,14 @@ class Ledger:
             assert level is not None
             rows.append(
                 {
-                    "sku": sku,
-                    "available": level.available,
-                    "reserved": level.reserved,
-                    "sold": level.sold,
+                    "b_sku": sku,
+                    "b_available": level.available,
+                    "b_reserved": level.reserved,
+                    "b_sold": level.sold,
                 }
             )
         self.changed.clear()
-        # The ORM's bulk UPDATE by primary key: one statement, executed for every row.
-        self.session.execute(sa.update(Product), rows)
+        self.session.execute(_WRITE_PRODUCT, rows)  # one statement, executed for every row
 
 
 def _quantities(lines: list[dict[str, Any]]) -> dict[str, int]:
@@ -146,11 +166,7 @@ def lock_for(session: Session, commands: list[Command]) -> None:
         key = command.typed_payload().business_key
         with contextlib.suppress(ValueError, TypeError):  # a saga whose key is not an order id
             orders.add(uuid.UUID(str(key)))
-    rows = session.scalars(
-        sa.select(Reservation.lines).where(
-            sa.or_(Reservation.saga_id.in_(sagas), Reservation.order_id.in_(orders))
-        )
-    )
+    rows = session.scalars(_RESERVED_LINES, {"sagas": list(sagas), "orders": list(orders)})
     for lines in rows:
         skus.update(line["sku"] for line in lines)
     ledger(session).lock(skus)

@@ -259,14 +259,18 @@ def lock_saga(session: Session, saga_id: uuid.UUID, *, skip_locked: bool = False
 def lock_sagas(session: Session, saga_ids: list[uuid.UUID]) -> dict[uuid.UUID, Saga]:
     """Many saga rows with their steps, locked in the order of their ids (one statement): two
     orchestrators locking overlapping batches wait for each other and never deadlock."""
-    query = (
-        sa.select(Saga)
-        .options(joinedload(Saga.steps))
-        .where(Saga.id.in_(sorted(set(saga_ids))))
-        .order_by(Saga.id)
-        .with_for_update(of=Saga)
-    )
-    return {saga.id: saga for saga in session.scalars(query).unique()}
+    found = session.scalars(_LOCK_SAGAS, {"ids": sorted(set(saga_ids))}).unique()
+    return {saga.id: saga for saga in found}
+
+
+# Built once, ids bound per batch (building and cache-keying it per batch was not free).
+_LOCK_SAGAS = (
+    sa.select(Saga)
+    .options(joinedload(Saga.steps))
+    .where(Saga.id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(Saga.id)
+    .with_for_update(of=Saga)
+)
 
 
 EVENTS_KEY = "saga.events"
@@ -469,7 +473,7 @@ def _persist(
         if after.state.final:
             record(session, saga, E.saga_final(after.state), detail=_reason_text(saga))
         if reg.on_state is not None:
-            reg.on_state(session, saga, after.state)
+            reg.on_state(session, saga, after.state, before.state)
 
 
 def _reason_text(saga: Saga) -> str | None:

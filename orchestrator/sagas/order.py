@@ -89,7 +89,7 @@ def build_payload(
             return OrderPayload(**common)
 
 
-def on_state(session: Session, saga: Saga, state: SagaState) -> None:
+def on_state(session: Session, saga: Saga, state: SagaState, was: SagaState) -> None:
     """A parked saga fails its order; resuming it makes the order pending again, and a late
     success that completes it makes the order confirmed.
 
@@ -99,9 +99,9 @@ def on_state(session: Session, saga: Saga, state: SagaState) -> None:
         # From pending, or from confirmed when a late confirm landed after the step timed out.
         values: dict[str, Any] = {"status": OrderStatus.FAILED, "reason": saga.reason}
         sources = [OrderStatus.PENDING, OrderStatus.CONFIRMED]
-    elif state in (SagaState.COMPENSATING, SagaState.RUNNING):
+    elif state in (SagaState.COMPENSATING, SagaState.RUNNING) and was is SagaState.FAILED:
         values, sources = {"status": OrderStatus.PENDING}, [OrderStatus.FAILED]
-    elif state is SagaState.COMPLETED:
+    elif state is SagaState.COMPLETED and was is SagaState.FAILED:
         # A parked confirm's late success completes the saga straight from failed: the confirm
         # was made (it sold the stock), so the order is confirmed again.
         values = {"status": OrderStatus.CONFIRMED, "reason": None}
