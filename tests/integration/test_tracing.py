@@ -219,13 +219,11 @@ def sweep_spans(collector: Receiver) -> set[str]:
     return {s.span_id for s in collector.snapshot() if s.name == "run/saga.sweep"}
 
 
-def test_the_webs_fast_path_publish_is_in_the_trace(
-    box: Sandbox, collector: Receiver, traced: Processes, artifacts: Path
-) -> None:
-    """The web's publish right after its one-statement commit (its background publisher, group
-    confirms) is a span of the order's trace too, child of the dispatch its row names."""
-    traced.stop_all()  # one system at a time on this sandbox
-    procs = Processes(box, artifacts / "tracing-fast-path", extra_env=traced_env(collector))
+def one_order_on_its_own(
+    box: Sandbox, collector: Receiver, logs: Path, env: dict[str, str]
+) -> list[ReceivedSpan]:
+    """One order through a system of its own (traced, with ``env``): its saga's whole trace."""
+    procs = Processes(box, logs, extra_env={**traced_env(collector), **env})
     procs.start_all()
     try:
         api = Api.connect(procs.url)
@@ -236,6 +234,16 @@ def test_the_webs_fast_path_publish_is_in_the_trace(
         procs.stop_all()
     assert_one_saga_trace(trace, placed["saga_id"], "/orders")
     assert runs_of(trace) == ORDER_RUNS
+    return trace
+
+
+def test_the_webs_fast_path_publish_is_in_the_trace(
+    box: Sandbox, collector: Receiver, traced: Processes, artifacts: Path
+) -> None:
+    """The web's publish right after its one-statement commit (its background publisher, group
+    confirms) is a span of the order's trace too, child of the dispatch its row names."""
+    traced.stop_all()  # one system at a time on this sandbox
+    trace = one_order_on_its_own(box, collector, artifacts / "tracing-fast-path", {})
     by_id = {s.span_id: s for s in trace}
     parents = [by_id[s.parent_id] for s in trace if s.name == "run/inventory.reserve"]
     web = [
@@ -250,18 +258,8 @@ def test_without_batches_celerys_task_runs_are_the_trace(
     """``SAGA_BATCH_MAX=0``: Celery runs one task per message, and its instrumentation's run spans
     (parent: the message's ``traceparent``) make the same trace, in the same order."""
     traced.stop_all()
-    env = {**traced_env(collector), "SAGA_BATCH_MAX": "0"}
-    procs = Processes(box, artifacts / "tracing-celery", extra_env=env)
-    procs.start_all()
-    try:
-        api = Api.connect(procs.url)
-        placed = place(api, order_body(make_product(stock=5)))
-        assert wait_final(api, placed["order_id"])["saga"]["state"] == "completed"
-        trace = trace_of(collector, placed["saga_id"], runs=len(ORDER_RUNS))
-    finally:
-        procs.stop_all()
-    assert_one_saga_trace(trace, placed["saga_id"], "/orders")
-    assert runs_of(trace) == ORDER_RUNS
+    trace = one_order_on_its_own(box, collector, artifacts / "tracing-celery",
+                                 {"SAGA_BATCH_MAX": "0"})
     runs = [s for s in trace if s.name.startswith("run/")]
     assert all(s.attributes.get("celery.action") == "run" for s in runs), runs
     assert all(s.attributes["saga.attempt"] >= 1 for s in runs), runs

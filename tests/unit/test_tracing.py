@@ -178,15 +178,7 @@ assert "traceparent" not in row.headers
 print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _fresh_interpreter(script, env)
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
@@ -247,6 +239,15 @@ print(imported, before, once, twice)
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:9"  # never reached: no span is made
+    done = _fresh_interpreter(script, env)
+    # Celery's prerun: the metrics' handler, then the instrumentation's; before_task_publish:
+    # only our context injection (the instrumentation's publish spans are left out).
+    last = done.stdout.strip().splitlines()[-1]
+    assert last == "[] (False, 0, 0) (True, 2, 1) (True, 2, 1)", last
+
+
+def _fresh_interpreter(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a new Python in the project's root (nothing imported or set up yet)."""
     done = subprocess.run(
         [sys.executable, "-c", script],
         cwd=ROOT,
@@ -256,7 +257,4 @@ print(imported, before, once, twice)
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    # Celery's prerun: the metrics' handler, then the instrumentation's; before_task_publish:
-    # only our context injection (the instrumentation's publish spans are left out).
-    last = done.stdout.strip().splitlines()[-1]
-    assert last == "[] (False, 0, 0) (True, 2, 1) (True, 2, 1)", last
+    return done

@@ -10,21 +10,14 @@ import workers.inventory
 import workers.orders  # noqa: F401  (registers the order handlers)
 from models.db import transaction
 from orchestrator.messaging.envelopes import OrderPayload, ReplyOutcome, parse_command
-from orchestrator.sagas.placing import NewOrder, place_order
+from orchestrator.sagas.placing import NewOrder, Placement, place_order
 from tests.integration.helpers import make_product
 from tests.workers.test_batches import RETRY, command, outcomes
 from workers.applying import Incoming, apply_batch
 
 
 def test_a_confirm_redelivered_while_the_order_is_returning_replays_its_success() -> None:
-    sku = make_product(stock=3)
-    placed = place_order(NewOrder("c-redeliver", [(sku, 1)], "tok_visa"))
-    with transaction() as session:
-        envelope = session.scalar(
-            sa.text("SELECT envelope FROM outbox WHERE saga_id = :s AND task = 'inventory.reserve'"),
-            {"s": placed.saga_id},
-        )
-    assert outcomes(apply_batch([Incoming(parse_command(envelope))])) == [("succeeded", None)]
+    sku, placed = _placed_and_reserved("c-redeliver")
     confirm = command(
         "orders.confirm", OrderPayload(order_id=placed.order_id, retry=RETRY), placed.saga_id
     )
@@ -44,14 +37,7 @@ def test_a_confirm_retried_after_its_saga_parked_finds_its_sale_and_confirms() -
     """The confirm sold the stock, its saga then parked past the deadline (order failed) and an
     operator's retry made the order pending again: the retry's confirm is a success, not fenced
     (fenced, the saga would cancel an order whose stock it had sold)."""
-    sku = make_product(stock=3)
-    placed = place_order(NewOrder("c-parked", [(sku, 1)], "tok_visa"))
-    with transaction() as session:
-        envelope = session.scalar(
-            sa.text("SELECT envelope FROM outbox WHERE saga_id = :s AND task = 'inventory.reserve'"),
-            {"s": placed.saga_id},
-        )
-    assert outcomes(apply_batch([Incoming(parse_command(envelope))])) == [("succeeded", None)]
+    sku, placed = _placed_and_reserved("c-parked")
     payload = OrderPayload(order_id=placed.order_id, retry=RETRY)
     assert outcomes(apply_batch([command("orders.confirm", payload, placed.saga_id)])) == [
         ("succeeded", None)
@@ -68,3 +54,16 @@ def test_a_confirm_retried_after_its_saga_parked_finds_its_sale_and_confirms() -
         )
         sold = session.scalar(sa.text("SELECT sold FROM products WHERE sku = :s"), {"s": sku})
     assert (status, sold) == ("confirmed", 1)  # confirmed again, sold once
+
+
+def _placed_and_reserved(customer: str) -> tuple[str, Placement]:
+    """An order placed for one unit of a new product, its reservation applied."""
+    sku = make_product(stock=3)
+    placed = place_order(NewOrder(customer, [(sku, 1)], "tok_visa"))
+    with transaction() as session:
+        envelope = session.scalar(
+            sa.text("SELECT envelope FROM outbox WHERE saga_id = :s AND task = 'inventory.reserve'"),
+            {"s": placed.saga_id},
+        )
+    assert outcomes(apply_batch([Incoming(parse_command(envelope))])) == [("succeeded", None)]
+    return sku, placed
