@@ -4,8 +4,6 @@
 Run: ``sagactl worker orders``. The order's own status is the idempotency record.
 """
 
-from typing import Any
-
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, lazyload
 
@@ -20,7 +18,7 @@ from workers.participant import Result, participant
 __all__ = ["abort_return", "app", "cancel", "complete_return", "confirm"]
 
 
-_LOCKED = "orders.locked"  # Session.info: the transaction's locked orders and reservations
+_ORDERS, _RESERVATIONS = "orders.locked", "reservations.locked"  # Session.info: locked rows by id
 # Built once, ids bound per transaction (a statement built per batch cost more than its rows).
 _LOCK_ORDERS = (
     sa.select(Order)
@@ -49,12 +47,10 @@ def lock_orders(session: Session, commands: list[Command]) -> None:
         stock.lock_for(session, confirms)
     order_ids = sorted({_payload(c).order_id for c in commands})
     orders = session.scalars(_LOCK_ORDERS, {"ids": order_ids})
-    locked: dict[Any, Any] = {order.id: order for order in orders}
-    if confirms:
-        sagas = sorted({c.saga_id for c in confirms})
-        reservations = session.scalars(_LOCK_RESERVATIONS, {"ids": sagas})
-        locked.update({("reservation", r.saga_id): r for r in reservations})
-    session.info[_LOCKED] = locked
+    session.info[_ORDERS] = {order.id: order for order in orders}
+    sagas = sorted({c.saga_id for c in confirms})
+    reservations = session.scalars(_LOCK_RESERVATIONS, {"ids": sagas}).all() if sagas else []
+    session.info[_RESERVATIONS] = {r.saga_id: r for r in reservations}
 
 
 def _payload(command: Command) -> OrderPayload:
@@ -64,7 +60,7 @@ def _payload(command: Command) -> OrderPayload:
 
 
 def _order(session: Session, payload: OrderPayload) -> Order:
-    order: Order | None = session.info[_LOCKED].get(payload.order_id)
+    order: Order | None = session.info[_ORDERS].get(payload.order_id)
     if order is None:
         raise LookupError(f"order {payload.order_id} does not exist")
     return order
@@ -80,7 +76,7 @@ def confirm(session: Session, command: Command, payload: OrderPayload) -> Result
     # command's reply is applied, so a redelivered confirm can find the order returning.
     if order.status in _CONFIRMED_OR_AFTER:
         return Result(True)
-    reservation: Reservation | None = session.info[_LOCKED].get(("reservation", command.saga_id))
+    reservation: Reservation | None = session.info[_RESERVATIONS].get(command.saga_id)
     sold = reservation is not None and reservation.status is ReservationStatus.SOLD
     if sold and order.status is OrderStatus.PENDING:
         # An earlier attempt of this confirm sold the saga's stock, then the saga parked after
