@@ -2,7 +2,7 @@
 
 ``service_states`` holds one row per service that was ever paused (no row: running);
 ``service_audit`` every pause, resume and breaker move; ``service_calls`` the replies of each
-service per second (the breaker's sliding window).
+service, one row per flush of an orchestrator process (the breaker's sliding window).
 """
 
 from datetime import datetime
@@ -49,11 +49,12 @@ class ServiceAudit(Base):
 
 
 class ServiceCalls(Base):
-    """Replies of one service in one second: what the breaker's failure rate is computed from."""
+    """Replies of one service counted by one flush (``flushed_at``: its transaction's start, so
+    a change of state cuts the window exactly): what the breaker's failure rate is computed from."""
 
     __tablename__ = "service_calls"
 
     service: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
-    second: Mapped[datetime] = mapped_column(primary_key=True)
+    flushed_at: Mapped[datetime] = mapped_column(primary_key=True)
     ok: Mapped[int] = mapped_column(server_default="0")
     transient: Mapped[int] = mapped_column(server_default="0")

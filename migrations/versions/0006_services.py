@@ -1,7 +1,7 @@
 """services: pause and resume a participant service, its circuit breaker, held commands
 
 A service's state (running, paused, breaker_open, half_open) and an audit of every change; the
-replies of each service per second (the breaker's window); outbox rows held for a paused service;
+replies of each service per flush (the breaker's window); outbox rows held for a paused service;
 the time a saga's command in hand has been held. The unsent index leaves the held rows out: the
 relay's claim and the web's backlog check (every order) never walk them.
 
@@ -55,10 +55,10 @@ def upgrade() -> None:
     op.create_table(
         'service_calls',
         sa.Column('service', sa.String(length=64), nullable=False),
-        sa.Column('second', sa.DateTime(timezone=True), nullable=False),
+        sa.Column('flushed_at', sa.DateTime(timezone=True), nullable=False),
         sa.Column('ok', sa.Integer(), server_default='0', nullable=False),
         sa.Column('transient', sa.Integer(), server_default='0', nullable=False),
-        sa.PrimaryKeyConstraint('service', 'second', name=op.f('pk_service_calls')),
+        sa.PrimaryKeyConstraint('service', 'flushed_at', name=op.f('pk_service_calls')),
     )
     op.add_column('outbox', sa.Column('held_at', sa.DateTime(timezone=True), nullable=True))
     op.create_index('ix_outbox_held', 'outbox', ['queue', 'id'], unique=False,

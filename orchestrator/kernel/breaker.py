@@ -3,7 +3,7 @@
 Each orchestrator process counts, per service, the replies it applied (once their transaction
 committed: ``replies.observe``; a success or a business refusal: a healthy call; a "retrying" or
 "held" reply: a transient failure) and adds them once a
-second to ``service_calls`` (one row per service and second, shared by every process). The same
+second to ``service_calls`` (one row per service and flush, shared by every process). The same
 flush judges: a running service whose share of transient failures over the window reaches the
 threshold (with enough calls) opens its breaker; a half-open service closes on a success and
 reopens on a failure. The cool-down and the probe are the sweep's (orchestrator/kernel/release.py).
@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 import time
-from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
@@ -70,6 +69,14 @@ def take() -> Counts:
     return taken
 
 
+def put_back(taken: Counts) -> None:
+    with _lock:
+        for service, (ok, bad) in taken.items():
+            counts = _counts.setdefault(service, [0, 0])
+            counts[0] += ok
+            counts[1] += bad
+
+
 def flush() -> list[str]:
     """Write the counts and judge the services they are about. Returns the services closed."""
     taken = take()
@@ -78,8 +85,10 @@ def flush() -> list[str]:
     try:
         with transaction() as session:
             closed = record_and_judge(session, taken)
-    except Exception as exc:  # evidence only: a lost second of counts changes little
+    except Exception as exc:
+        # Kept for the next flush: an outage's last failures may be all the evidence there is.
         log.warning("breaker: could not record %d service(s)' calls: %s", len(taken), exc)
+        put_back(taken)
         return []
     for service in closed:
         service_states.kick(service)
@@ -88,13 +97,13 @@ def flush() -> list[str]:
 
 def record_and_judge(session: Session, taken: Counts) -> list[str]:
     rows = [
-        {"service": s, "second": _this_second(), "ok": ok, "transient": bad}
+        {"service": s, "flushed_at": sa.func.now(), "ok": ok, "transient": bad}
         for s, (ok, bad) in sorted(taken.items())  # sorted: two flushes lock rows in one order
     ]
     stmt = insert(ServiceCalls).values(rows)
     session.execute(
         stmt.on_conflict_do_update(
-            index_elements=["service", "second"],
+            index_elements=["service", "flushed_at"],  # two processes' flushes begun at once
             set_={
                 "ok": ServiceCalls.ok + stmt.excluded.ok,
                 "transient": ServiceCalls.transient + stmt.excluded.transient,
@@ -102,10 +111,6 @@ def record_and_judge(session: Session, taken: Counts) -> list[str]:
         )
     )
     return judge(session, taken)
-
-
-def _this_second() -> sa.ColumnElement[datetime]:
-    return sa.func.date_trunc("second", sa.func.now())
 
 
 def judge(session: Session, taken: Counts) -> list[str]:

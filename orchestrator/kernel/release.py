@@ -184,7 +184,7 @@ def sweep_holds() -> int:
         not_running = holds.not_running(session)
         session.execute(
             sa.delete(ServiceCalls).where(
-                ServiceCalls.second < sa.func.now() - _seconds(2 * cfg.breaker_window_s)
+                ServiceCalls.flushed_at < sa.func.now() - _seconds(2 * cfg.breaker_window_s)
             )
         )
     probes = sum(release_one(service, probe=True) for service in cooled)

@@ -140,9 +140,11 @@ def resume(session: Session, service: str, actor: str, note: str | None) -> None
 
 def failure_rates(session: Session) -> dict[str, tuple[int, int]]:
     """Per service, (calls, transient failures) over the breaker's window, counted from its last
-    change of state at the earliest: a resumed service starts with a clean window."""
+    change of state at the earliest: a resumed service starts with a clean window. A flush is
+    stamped with its transaction's start, so the calls a flush begun before the change counted
+    stay out, even when it committed in the same second (they were observed before the change)."""
     window = sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, settings().breaker_window_s)
-    since = sa.func.greatest(window, sa.func.date_trunc("second", ServiceState.since))
+    since = sa.func.greatest(window, ServiceState.since)
     rows = session.execute(
         sa.select(
             ServiceCalls.service,
@@ -150,7 +152,7 @@ def failure_rates(session: Session) -> dict[str, tuple[int, int]]:
             sa.func.sum(ServiceCalls.transient),
         )
         .outerjoin(ServiceState, ServiceState.service == ServiceCalls.service)
-        .where(ServiceCalls.second >= sa.func.coalesce(since, window))
+        .where(ServiceCalls.flushed_at >= sa.func.coalesce(since, window))
         .group_by(ServiceCalls.service)
     )
     return {service: (int(calls or 0), int(bad or 0)) for service, calls, bad in rows}

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from flask import Flask
 from flask.testing import FlaskClient
 
 from models.db import transaction
 from models.outbox import OutboxMessage
 from models.sagas import SagaEvent
 from models.services import ServiceAudit, ServiceState
-from orchestrator.kernel import engine, release, replies, service_states
+from orchestrator.kernel import breaker, engine, release, replies, service_states
 from orchestrator.messaging import fastpath
 from orchestrator.messaging.envelopes import (
     ReplyOutcome,
@@ -319,3 +320,30 @@ def test_a_compensation_is_held_unless_the_pause_lets_compensations_through(
     with transaction() as session:
         engine.operator_action(session, uuid.UUID(saga_id), "compensate", "test", None)
     assert _refunds(saga_id) == [hold_compensations]
+
+
+def test_calls_flushed_before_a_resume_stay_out_of_the_breaker_s_window(app: Flask) -> None:
+    """A resume starts a clean window, even when a flush committed in the same second before it
+    (the breaker must judge what came after: 4 failures of 4 calls, not 4 of 16)."""
+    with transaction() as session:
+        breaker.record_and_judge(session, {"payment": [12, 0]})
+    with transaction() as session:
+        service_states.pause(session, "payment", "admin", None)
+    with transaction() as session:
+        service_states.resume(session, "payment", "admin", None)
+    with transaction() as session:
+        breaker.record_and_judge(session, {"payment": [0, 4]})
+    with transaction() as session:
+        assert service_states.failure_rates(session)["payment"] == (4, 4)
+
+
+def test_a_flush_that_fails_keeps_its_counts_for_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    breaker.take()
+    breaker.put_back({"payment": [1, 2]})
+
+    def down(session: Any, taken: Any) -> list[str]:
+        raise sa.exc.OperationalError("INSERT", {}, Exception("connection lost"))
+
+    monkeypatch.setattr(breaker, "record_and_judge", down)
+    assert breaker.flush() == []
+    assert breaker.take() == {"payment": [1, 2]}
