@@ -1,9 +1,11 @@
 """The pages in a real browser against the running system: the order form and its live order page,
 validation errors, the admin console's retry of a parked saga (one, and every saga matching a
-filter after a dry-run count), and a Content-Security-Policy the pages keep."""
+filter after a dry-run count), a service paused and resumed through an incident, and a
+Content-Security-Policy the pages keep."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -284,4 +286,41 @@ def test_operator_retries_every_saga_matching_a_filter_after_counting_them(
     operation_id = nav.value.url.rsplit("/", 1)[1]
     page.goto("/admin/operations")
     expect(page.locator(f'#operations tr[data-operation-id="{operation_id}"]')).to_have_count(1)
+    assert console.csp_violations() == []
+
+
+def test_an_operator_pauses_payment_watches_orders_wait_and_resumes_them(
+    admin_page: Page, api: Api, console: Console, shots: Path
+) -> None:
+    """The incident in the console: pause payment with a note, orders placed meanwhile wait
+    (held, pending, nobody charged), a resume from the same page sends them on to confirmed."""
+    page = admin_page
+    page.goto("/admin/services")
+    row = page.locator("#service-payment")
+    expect(row).to_have_attribute("data-state", "running")
+    row.locator("input[name=note]").fill("e2e: provider down")
+    with page.expect_navigation():
+        row.locator("button", has_text="Pause").click()
+    expect(row).to_have_attribute("data-state", "paused")
+    expect(row.locator(".reason-text")).to_have_text("e2e: provider down")
+
+    sku = make_product(stock=10)
+    placed = [place(api, order_body(sku)) for _ in range(3)]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # each load shows what the database holds then
+        page.reload()
+        if row.locator(".held").inner_text().strip() == "3":
+            break
+    expect(row.locator(".held")).to_have_text("3")
+    page.screenshot(path=str(shots / "admin-services-paused.png"), full_page=True)
+    assert {api.order(p["order_id"])["status"] for p in placed} == {"pending"}
+
+    with page.expect_navigation():
+        row.locator("button", has_text="Resume").click()
+    expect(row).to_have_attribute("data-state", "running")
+    for p in placed:
+        assert wait_final(api, p["order_id"])["status"] == "confirmed"
+    page.reload()
+    expect(row.locator(".held")).to_have_text("0")
+    page.screenshot(path=str(shots / "admin-services-resumed.png"), full_page=True)
     assert console.csp_violations() == []

@@ -34,7 +34,7 @@ from orchestrator.proof.chaos import checks
 from orchestrator.proof.chaos.broker_nodes import BrokerChaos
 from orchestrator.proof.client import Api
 from orchestrator.proof.harness import SHORT_TIMINGS, Processes, Sandbox, sandbox_in_use
-from tests.integration.helpers import make_product, order_body
+from tests.integration.helpers import LogCursor, make_product, order_body
 
 pytestmark = pytest.mark.own_system
 
@@ -276,6 +276,7 @@ def test_a_killed_instance_leaves_no_saga_stalled_while_its_twin_runs(
     # one killed) re-sends it.
     bodies = [order_body(sku) for _ in range(8)]
     bodies += [order_body(sku, faults={"payment.charge": "hang:6"})]
+    payment_twin = LogCursor.at_end(procs, "payment#2")
     saga_ids = _place_all(api, bodies)
     procs.kill(kind)  # SIGKILL of the whole process group, work in hand included
     worst: list[str] = []
@@ -294,7 +295,10 @@ def test_a_killed_instance_leaves_no_saga_stalled_while_its_twin_runs(
             ),
             {"s": saga_ids[-1]},
         )
-    assert timed_out == 1
+    # The hang times the step out once; unless it struck the payment instance killed here: its
+    # redelivery to the twin does not hang (only a first delivery does), so nothing times out.
+    hung_in_twin = payment_twin.lines("injected fault fired: hang", saga_ids[-1])
+    assert timed_out == (1 if hung_in_twin or kind != "payment" else 0), (timed_out, kind)
     procs.start(kind)
     _assert_everything_clean(box)
 
