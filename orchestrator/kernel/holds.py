@@ -78,7 +78,7 @@ def not_running(session: Session) -> dict[str, Hold]:
     ``session.info`` ends with it; a change of state in the transaction itself calls ``forget``."""
     cached: dict[str, Hold] | None = session.info.get(_CACHE_KEY)
     if cached is None:
-        cached = _read(session)
+        cached = _read(session.connection())  # no autoflush: the states are not the batch's rows
         session.info[_CACHE_KEY] = cached
     return cached
 
