@@ -6,18 +6,23 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
 
 # Processes that rerun a transaction whose connection died (run_in_transaction) need no ping:
 # every Celery worker (the orchestrator and each participant service) and the relay. The web,
-# beat and command-line tools do not, so they pay a ping per checkout.
+# beat and command-line tools do not, so they ping a connection that sat idle in the pool.
 _PINGING_PROCESSES = {"web", "beat"}
+# A connection back in use within this time is trusted without a ping: under load the web's
+# connections never wait that long, so its requests pay no round trip (and no commit) for it,
+# while one that sat idle through a database restart is still found dead and replaced.
+PING_AFTER_IDLE_S = 1.0
 
 # SQLSTATEs worth retrying as a whole transaction: serialization failure, deadlock.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -30,17 +35,43 @@ def get_engine(url: str | None = None) -> sa.Engine:
     # Small pools: a Celery child runs one task at a time, and a whole system on one machine must
     # stay well under PostgreSQL's max_connections (100 by default).
     cfg = settings()
-    return sa.create_engine(
+    engine = sa.create_engine(
         url or cfg.database_url,
         pool_size=cfg.db_pool_size,
         max_overflow=cfg.db_pool_overflow,
         pool_timeout=10,
         connect_args={"connect_timeout": 5},  # a silent database must not hang /healthz
-        # A ping per checkout costs a round trip; the workers and the relay rerun a transaction
-        # whose connection died (run_in_transaction), so only other processes pay for it.
-        pool_pre_ping=_pings(cfg.process),
         pool_recycle=1800,
     )
+    if _pings(cfg.process):
+        ping_when_idle(engine)
+    return engine
+
+
+def ping_when_idle(engine: sa.Engine, idle_s: float | None = None) -> None:
+    """``pool_pre_ping``, for connections idle longer than ``idle_s`` only: a dead one raises
+    ``InvalidatePoolError`` at checkout, and the pool replaces it (and every connection pooled
+    before it) before anyone uses it."""
+    threshold = PING_AFTER_IDLE_S if idle_s is None else idle_s
+
+    @event.listens_for(engine, "checkin")
+    def _back(dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _out(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get(_IDLE_SINCE)
+        if since is None or time.monotonic() - since <= threshold:
+            return  # new (just connected) or busy: no round trip
+        try:
+            ok = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # as pre-ping does: every pooled connection is suspect now
+            raise InvalidatePoolError(f"an idle connection failed its ping: {exc}") from exc
+        if not ok:
+            raise InvalidatePoolError("an idle connection failed its ping")
+
+
+_IDLE_SINCE = "saga.idle_since"
 
 
 def _pings(process: str | None) -> bool:

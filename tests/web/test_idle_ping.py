@@ -1,0 +1,72 @@
+"""The web's pool pings a connection only when it sat idle (models/db.py ``ping_when_idle``): a
+busy connection goes straight to work, an idle one whose backend died is replaced unseen."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
+
+from models import db
+from orchestrator.proof.harness import Sandbox
+
+
+def _engine(box: Sandbox, idle_s: float) -> tuple[sa.Engine, list[int]]:
+    engine = sa.create_engine(box.database_url, pool_size=1, max_overflow=0)
+    pings: list[int] = []
+    ping = engine.dialect.do_ping
+
+    def counted(dbapi_connection: Any) -> bool:
+        pings.append(1)
+        return ping(dbapi_connection)
+
+    engine.dialect.do_ping = counted  # type: ignore[method-assign]
+    db.ping_when_idle(engine, idle_s=idle_s)
+    return engine, pings
+
+
+@pytest.fixture
+def engines(web_sandbox: Sandbox) -> Iterator[list[sa.Engine]]:
+    made: list[sa.Engine] = []
+    yield made
+    for engine in made:
+        engine.dispose()
+
+
+def _backend(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(sa.text("SELECT pg_backend_pid()")) or 0)
+
+
+def _terminate(box: Sandbox, pid: int) -> None:
+    other = sa.create_engine(box.database_url, poolclass=sa.NullPool)
+    with other.connect() as conn:
+        assert conn.scalar(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    other.dispose()
+
+
+def test_a_connection_back_in_use_within_the_window_is_not_pinged(
+    web_sandbox: Sandbox, engines: list[sa.Engine]
+) -> None:
+    engine, pings = _engine(web_sandbox, idle_s=3600)
+    engines.append(engine)
+    pids = {_backend(engine) for _ in range(5)}
+    assert len(pids) == 1 and pings == []
+    # The trade-off, shown: a backend that dies inside the window is found by its next use.
+    _terminate(web_sandbox, pids.pop())
+    with pytest.raises(OperationalError):
+        _backend(engine)
+
+
+def test_an_idle_connection_is_pinged_and_a_dead_one_replaced_before_use(
+    web_sandbox: Sandbox, engines: list[sa.Engine]
+) -> None:
+    engine, pings = _engine(web_sandbox, idle_s=0)
+    engines.append(engine)
+    first = _backend(engine)  # a new connection: no ping
+    assert _backend(engine) == first and len(pings) == 1
+    _terminate(web_sandbox, first)
+    assert _backend(engine) != first, "the dead connection was replaced at checkout"
