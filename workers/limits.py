@@ -42,16 +42,63 @@ _soft: ContextVar[_Soft | None] = ContextVar("soft_time_limit", default=None)
 def watch(what: str) -> Iterator[None]:
     """Keep the time limits over the block; ``what`` names the work, as ``task[id]``."""
     cfg = settings()
-    timer = threading.Timer(cfg.task_time_limit_s, _hard_limit, (cfg.task_time_limit_s, what))
-    timer.daemon = True
-    timer.start()
+    hard = _watchdog().add(cfg.task_time_limit_s, what)
     soft = cfg.task_soft_time_limit_s
     token = _soft.set(_Soft(time.monotonic() + soft, soft, what) if soft else None)
     try:
         yield
     finally:
-        timer.cancel()
+        _watchdog().remove(hard)
         _soft.reset(token)
+
+
+# How often the watchdog looks at the hard deadlines: the limit is kept within this much.
+TICK_S = 0.25
+
+
+class _Watchdog:
+    """One thread per process keeps every hard limit in hand (a timer thread started and
+    cancelled per batch was a fixed cost of every batch)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._work: dict[int, tuple[float, float, str]] = {}  # id -> (deadline, limit, what)
+        self._next = 0
+        threading.Thread(target=self._run, name="time-limits", daemon=True).start()
+
+    def add(self, limit_s: float, what: str) -> int:
+        with self._lock:
+            self._next += 1
+            self._work[self._next] = (time.monotonic() + limit_s, limit_s, what)
+            return self._next
+
+    def remove(self, key: int) -> None:
+        with self._lock:
+            self._work.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(TICK_S)
+            now = time.monotonic()
+            with self._lock:
+                late = [(limit, what) for deadline, limit, what in self._work.values()
+                        if deadline <= now]
+            if late:
+                _hard_limit(*late[0])
+
+
+_dog: _Watchdog | None = None
+_dog_lock = threading.Lock()
+
+
+def _watchdog() -> _Watchdog:
+    global _dog
+    if _dog is None or _dog.pid != os.getpid():  # a forked pool process needs its own thread
+        with _dog_lock:
+            if _dog is None or _dog.pid != os.getpid():
+                _dog = _Watchdog()
+    return _dog
 
 
 def _hard_limit(limit_s: float, what: str) -> None:
