@@ -156,17 +156,21 @@ def move(session: Session, lines: list[dict[str, Any]], source: str, target: str
 
 def lock_for(session: Session, commands: list[Command]) -> None:
     """Before a transaction's first row lock: lock every product its commands may move, the
-    lines of reserves and those of the reservations of their sagas and orders."""
+    lines of reserves and those of the reservations of the other commands' sagas and orders."""
     skus: set[str] = set()
     sagas: set[uuid.UUID] = set()
     orders: set[uuid.UUID] = set()
     for command in commands:
-        skus.update(item["sku"] for item in command.payload.get("items") or [])
+        items = command.payload.get("items")
+        if items:  # a reserve moves its own lines or, redelivered, nothing: no lookup
+            skus.update(item["sku"] for item in items)
+            continue
         sagas.add(command.saga_id)
         key = command.typed_payload().business_key
         with contextlib.suppress(ValueError, TypeError):  # a saga whose key is not an order id
             orders.add(uuid.UUID(str(key)))
-    rows = session.scalars(_RESERVED_LINES, {"sagas": list(sagas), "orders": list(orders)})
-    for lines in rows:
-        skus.update(line["sku"] for line in lines)
+    if sagas:
+        rows = session.scalars(_RESERVED_LINES, {"sagas": list(sagas), "orders": list(orders)})
+        for lines in rows:
+            skus.update(line["sku"] for line in lines)
     ledger(session).lock(skus)
