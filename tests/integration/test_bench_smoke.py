@@ -84,8 +84,9 @@ def test_messages_and_commits_per_saga_are_counted(report: dict[str, Any]) -> No
     assert report["messages"]["commands"] == 3 * N
     assert report["messages"]["replies"] == 3 * N
     assert report["messages_per_saga"] == pytest.approx(6.0, abs=0.5)
-    # At least one commit per command and per reply; far fewer than a runaway loop would make.
-    assert 6 <= report["commits_per_saga"] < 60, report["commits"]
+    # At least the order's own commit (the web writes each order in a transaction of its own; a
+    # worker's commit is shared by the sagas of its batch); far fewer than a runaway loop makes.
+    assert 1 <= report["commits_per_saga"] < 60, report["commits"]
 
 
 def test_the_sandbox_and_the_raw_vhost_are_gone(report: dict[str, Any]) -> None:
