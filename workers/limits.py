@@ -42,13 +42,14 @@ _soft: ContextVar[_Soft | None] = ContextVar("soft_time_limit", default=None)
 def watch(what: str) -> Iterator[None]:
     """Keep the time limits over the block; ``what`` names the work, as ``task[id]``."""
     cfg = settings()
-    hard = _watchdog().add(cfg.task_time_limit_s, what)
+    dog = _watchdog()
+    hard = dog.add(cfg.task_time_limit_s, what)
     soft = cfg.task_soft_time_limit_s
     token = _soft.set(_Soft(time.monotonic() + soft, soft, what) if soft else None)
     try:
         yield
     finally:
-        _watchdog().remove(hard)
+        dog.remove(hard)
         _soft.reset(token)
 
 
