@@ -41,6 +41,16 @@ class Api:
         data: dict[str, Any] = r.json()
         return data
 
+    def _poll(self, order_id: str) -> dict[str, Any] | None:
+        """The order's view, or None on a 503 (the web lost its database connection to a restart
+        or a terminated session: the contract's "try again shortly"; the next poll does)."""
+        try:
+            return self.order(order_id)
+        except requests.HTTPError as exc:
+            if exc.response is not None and exc.response.status_code == 503:
+                return None
+            raise
+
     def wait_final(
         self,
         order_ids: Iterable[str],
@@ -57,8 +67,8 @@ class Api:
         while pending and time.monotonic() < deadline:
             still = []
             for order_id in pending:
-                view = self.order(order_id)
-                if is_final(view):
+                view = self._poll(order_id)
+                if view is not None and is_final(view):
                     done[order_id] = view
                 else:
                     still.append(order_id)
