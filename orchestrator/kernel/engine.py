@@ -574,19 +574,23 @@ def on_reply(
     index, kind = definition.by_command(command)
     phase = saga.steps[index].phase(kind)
     delay = retry_in_s or 0.0
-    if not awaits(saga, index, kind, request_id, success=outcome is ReplyOutcome.SUCCEEDED):
+    awaited = awaits(saga, index, kind, request_id, success=outcome is ReplyOutcome.SUCCEEDED)
+    # A note of attempt n once a later attempt's note moved the phase past n + 1 (two
+    # orchestrator processes took the two replies at once, the later one first).
+    overtaken = outcome is ReplyOutcome.RETRYING and awaited and attempt + 1 < phase.attempts
+    if not awaited or overtaken:
         if (
             outcome is ReplyOutcome.RETRYING
             and sent_at is not None
             and phase.request_id == request_id
             and not _has_failure_event(session, saga, phase.event_prefix, command, attempt)
         ):
-            # Overtaken by its own next attempt's reply (two orchestrator processes took them
-            # at once): the state has moved on, but the failed attempt is history, at its time.
+            # Overtaken by a later attempt's reply: the state has moved on, but the failed
+            # attempt is history, at its time.
             _record_retry(
                 session, saga, phase.event_prefix, command, attempt, error, delay, sent_at
             )
-            return "ignored (not awaited: late), its failed attempt kept in the timeline"
+            return "ignored (overtaken: late), its failed attempt kept in the timeline"
         return "ignored (not awaited: late or duplicate)"
     now = utcnow()
     phase.attempts = max(phase.attempts, attempt)

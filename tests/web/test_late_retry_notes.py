@@ -1,4 +1,4 @@
-"""A participant's "retrying" note overtaken by its own next attempt's success (two orchestrator
+"""A participant's "retrying" note overtaken by a later attempt's reply (two orchestrator
 processes took the two replies at once) changes no state, but the failed attempt stays in the
 timeline, at the time it happened, once."""
 
@@ -56,7 +56,7 @@ def test_a_retry_note_overtaken_by_the_next_attempt_keeps_its_failure_in_order(
     succeeded = _reply(saga_id, ReplyOutcome.SUCCEEDED, 3, datetime.now(UTC))
     assert succeeded.startswith("succeeded")
     late = _reply(saga_id, ReplyOutcome.RETRYING, 2, note_sent_at)
-    assert late.startswith("ignored (not awaited")
+    assert late.startswith("ignored (overtaken")
     again = _reply(saga_id, ReplyOutcome.RETRYING, 2, note_sent_at)
     assert again == "ignored (not awaited: late or duplicate)"  # a duplicate adds nothing
 
@@ -75,3 +75,26 @@ def test_a_retry_note_overtaken_by_the_next_attempt_keeps_its_failure_in_order(
         index = engine.registered_of(saga).definition.index(RESERVE)
         assert saga.current_step == index + 1
         assert saga.steps[index].phase("action").attempts == 3
+
+
+def test_a_retry_note_overtaken_by_the_next_attempts_note_keeps_the_timeline_in_order(
+    client: FlaskClient,
+) -> None:
+    """Seen in CI: attempt 2's "retrying" note was applied before attempt 1's; the step still ran,
+    so both were awaited, and the late one was recorded after it, at the orchestrator's time."""
+    saga_id = place(client)["saga_id"]
+    first_sent_at = datetime.now(UTC)  # attempt 1 failed and said so...
+    # ...but attempt 2's note is applied first.
+    assert _reply(saga_id, ReplyOutcome.RETRYING, 2, datetime.now(UTC)) == "retrying"
+    late = _reply(saga_id, ReplyOutcome.RETRYING, 1, first_sent_at)
+    assert late.startswith("ignored (overtaken")
+    assert _reply(saga_id, ReplyOutcome.SUCCEEDED, 3, datetime.now(UTC)).startswith("succeeded")
+
+    assert _events(saga_id) == [
+        ("step.dispatched", RESERVE, 1),
+        ("step.failed", RESERVE, 1),
+        ("step.retried", RESERVE, 2),
+        ("step.failed", RESERVE, 2),
+        ("step.retried", RESERVE, 3),
+        ("step.succeeded", RESERVE, 3),
+    ]
