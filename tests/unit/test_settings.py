@@ -156,3 +156,14 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     variables = {str(f.validation_alias) for f in config.Settings.model_fields.values()}
     missing = sorted(v for v in variables if not any(r.startswith(f"| `{v}` |") for r in rows))
     assert missing == [], "each needs its row: | `NAME` | meaning | default |"
+
+
+def test_the_web_keeps_a_connection_for_each_of_its_threads() -> None:
+    """A pool smaller than the web's threads opened and closed a connection per request over it."""
+    from models.db import pool_size
+
+    assert pool_size("web", 2, 8) == 9  # each thread, and the publisher's sent marks
+    assert pool_size("web#2", 2, 8) == 9
+    assert pool_size("web", 12, 8) == 12  # a larger setting stands
+    assert pool_size("orchestrator", 2, 8) == 2  # a worker's child runs one batch at a time
+    assert pool_size(None, 2, 8) == 2
