@@ -130,7 +130,7 @@ def _measure(opts: Options, target: Target, db: Db, baseline: Any, say: Say) -> 
     if raw_probe is not None:
         raw_probe()
     skus = make_products(stock=opts.n + opts.warmup + _post_orders(opts))
-    place = saga_placer(opts.mode, target.url, skus)
+    place = saga_placer(opts.mode, target.url, skus, opts.concurrency)
     if opts.warmup:
         warm = run_sagas(opts, opts.warmup, db, place, say, label="saga warm-up",
                          probe=saga_probe)

@@ -5,6 +5,7 @@ paced, waiting until each is final, and the timing figures of a phase.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -157,12 +158,21 @@ def _order_body(i: int, skus: list[str]) -> dict[str, Any]:
             "payment": {"card_token": "tok_visa"}}
 
 
-def saga_placer(mode: str, url: str, skus: list[str]) -> Callable[[int], str]:
+def saga_placer(mode: str, url: str, skus: list[str], threads: int) -> Callable[[int], str]:
     if mode == "direct":
+        from models import db
         from orchestrator.messaging import fastpath
+        from orchestrator.ops.config import settings
         from orchestrator.sagas import placing as ordering
 
-        fastpath.publish_in_background()  # as the web does: the same lean start path
+        # As the web does: the same lean start path, and a connection kept for each thread (a
+        # smaller pool opens and closes one per order over it: the placer's cost, not the saga's).
+        os.environ["SAGA_DB_POOL_SIZE"] = str(db.pool_size("web", 1, threads))
+        settings.cache_clear()
+        db.get_engine().dispose()
+        db.get_engine.cache_clear()
+        db._factory.cache_clear()
+        fastpath.publish_in_background()
 
         def place_direct(i: int) -> str:
             new = ordering.NewOrder(customer_id=f"bench-{i}", items=[(skus[i % len(skus)], 1)],
