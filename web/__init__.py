@@ -16,6 +16,7 @@ from flask_wtf.csrf import generate_csrf
 from orchestrator.ops import tracing
 from orchestrator.ops.config import settings
 from orchestrator.ops.logs import log_context, setup_logging
+from web.reads import RerunsReads
 
 MAX_BODY = 64 * 1024
 # A client's X-Request-Id is kept only when it is a short visible token: it is written into every
@@ -32,7 +33,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     cfg = settings()
     if not logging.getLogger().handlers:
         setup_logging(cfg.process or "web")
-    app = Flask(__name__)
+    app = RerunsReads(__name__)
     app.config.update(
         SECRET_KEY=cfg.secret_key.get_secret_value(),
         MAX_CONTENT_LENGTH=MAX_BODY,
