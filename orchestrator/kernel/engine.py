@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import flag_modified
 
 from models.enums import CompensationStatus, Reason, SagaState, StepStatus
@@ -245,31 +245,44 @@ def _values(row: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- loading and recording
 
 
+# A lock returns what the last holder committed. The steps are read by a statement of their own,
+# after the lock is held: joined to the locked saga in one statement, a saga row that waited on
+# another transaction's lock comes back in its new version but its steps as the statement's
+# snapshot saw them, before that commit (PostgreSQL re-checks only the locked rows), and the
+# engine then wrote those stale steps back (seen in CI: a retry note applied twice as awaited
+# when two orchestrators took two notes of one saga). ``populate_existing``: a saga this Session
+# read earlier is refreshed, not taken from its identity map.
+_LOCKED = {"populate_existing": True}
+
+
 def lock_saga(session: Session, saga_id: uuid.UUID, *, skip_locked: bool = False) -> Saga | None:
     """The saga row, locked for this transaction: the one point that serializes transitions."""
     query = (
         sa.select(Saga)
-        .options(joinedload(Saga.steps))  # one round trip for the saga and its steps
+        .options(selectinload(Saga.steps))
         .where(Saga.id == saga_id)
-        .with_for_update(of=Saga, skip_locked=skip_locked)
+        .with_for_update(skip_locked=skip_locked)
+        .execution_options(**_LOCKED)
     )
-    return session.scalars(query).unique().one_or_none()
+    return session.scalars(query).one_or_none()
 
 
 def lock_sagas(session: Session, saga_ids: list[uuid.UUID]) -> dict[uuid.UUID, Saga]:
-    """Many saga rows with their steps, locked in the order of their ids (one statement): two
-    orchestrators locking overlapping batches wait for each other and never deadlock."""
-    found = session.scalars(_LOCK_SAGAS, {"ids": sorted(set(saga_ids))}).unique()
+    """Many saga rows with their steps, locked in the order of their ids (one statement for the
+    rows, one for their steps): two orchestrators locking overlapping batches wait for each other
+    and never deadlock."""
+    found = session.scalars(_LOCK_SAGAS, {"ids": sorted(set(saga_ids))})
     return {saga.id: saga for saga in found}
 
 
 # Built once, ids bound per batch (building and cache-keying it per batch was not free).
 _LOCK_SAGAS = (
     sa.select(Saga)
-    .options(joinedload(Saga.steps))
+    .options(selectinload(Saga.steps))
     .where(Saga.id.in_(sa.bindparam("ids", expanding=True)))
     .order_by(Saga.id)
-    .with_for_update(of=Saga)
+    .with_for_update()
+    .execution_options(**_LOCKED)
 )
 
 
