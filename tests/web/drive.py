@@ -121,3 +121,17 @@ def command_body(saga_id: str, card_token: str, extra: str = "") -> bytes:
 
 def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def backend_of(engine: sa.Engine) -> int:
+    """The PostgreSQL backend of the connection ``engine``'s pool hands out next."""
+    with engine.connect() as conn:
+        return int(conn.scalar(sa.text("SELECT pg_backend_pid()")) or 0)
+
+
+def terminate_backend(database_url: str, pid: int) -> None:
+    """Kill one backend, as a database restart or an administrator would."""
+    other = sa.create_engine(database_url, poolclass=sa.NullPool)
+    with other.connect() as conn:
+        assert conn.scalar(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    other.dispose()

@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from models import db
 from orchestrator.proof.harness import Sandbox
+from tests.web.drive import backend_of, terminate_backend
 
 
 def _engine(box: Sandbox, idle_s: float) -> tuple[sa.Engine, list[int]]:
@@ -36,29 +37,17 @@ def engines(web_sandbox: Sandbox) -> Iterator[list[sa.Engine]]:
         engine.dispose()
 
 
-def _backend(engine: sa.Engine) -> int:
-    with engine.connect() as conn:
-        return int(conn.scalar(sa.text("SELECT pg_backend_pid()")) or 0)
-
-
-def _terminate(box: Sandbox, pid: int) -> None:
-    other = sa.create_engine(box.database_url, poolclass=sa.NullPool)
-    with other.connect() as conn:
-        assert conn.scalar(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
-    other.dispose()
-
-
 def test_a_connection_back_in_use_within_the_window_is_not_pinged(
     web_sandbox: Sandbox, engines: list[sa.Engine]
 ) -> None:
     engine, pings = _engine(web_sandbox, idle_s=3600)
     engines.append(engine)
-    pids = {_backend(engine) for _ in range(5)}
+    pids = {backend_of(engine) for _ in range(5)}
     assert len(pids) == 1 and pings == []
     # The trade-off, shown: a backend that dies inside the window is found by its next use.
-    _terminate(web_sandbox, pids.pop())
+    terminate_backend(web_sandbox.database_url, pids.pop())
     with pytest.raises(OperationalError):
-        _backend(engine)
+        backend_of(engine)
 
 
 def test_an_idle_connection_is_pinged_and_a_dead_one_replaced_before_use(
@@ -66,7 +55,7 @@ def test_an_idle_connection_is_pinged_and_a_dead_one_replaced_before_use(
 ) -> None:
     engine, pings = _engine(web_sandbox, idle_s=0)
     engines.append(engine)
-    first = _backend(engine)  # a new connection: no ping
-    assert _backend(engine) == first and len(pings) == 1
-    _terminate(web_sandbox, first)
-    assert _backend(engine) != first, "the dead connection was replaced at checkout"
+    first = backend_of(engine)  # a new connection: no ping
+    assert backend_of(engine) == first and len(pings) == 1
+    terminate_backend(web_sandbox.database_url, first)
+    assert backend_of(engine) != first, "the dead connection was replaced at checkout"

@@ -8,22 +8,14 @@ from flask.testing import FlaskClient
 
 from models.db import get_engine
 from orchestrator.proof.harness import Sandbox
-from tests.web.drive import body, place
+from tests.web.drive import backend_of, body, place, terminate_backend
 
 
 def _pooled_backend() -> int:
     """The backend of the pool's one connection (checked out and back: its use is fresh)."""
     engine = get_engine()
     assert engine.pool.checkedin() == 1, "the pool holds one connection"
-    with engine.connect() as conn:
-        return int(conn.scalar(sa.text("SELECT pg_backend_pid()")) or 0)
-
-
-def _terminate(box: Sandbox, pid: int) -> None:
-    other = sa.create_engine(box.database_url, poolclass=sa.NullPool)
-    with other.connect() as conn:
-        assert conn.scalar(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
-    other.dispose()
+    return backend_of(engine)
 
 
 def test_a_read_whose_connection_died_in_use_is_answered(
@@ -34,7 +26,7 @@ def test_a_read_whose_connection_died_in_use_is_answered(
     first = client.get(f"/orders/{order_id}", headers={"Accept": "application/json"})
     assert first.status_code == 200
     dead = _pooled_backend()
-    _terminate(web_sandbox, dead)
+    terminate_backend(web_sandbox.database_url, dead)
     again = client.get(f"/orders/{order_id}", headers={"Accept": "application/json"})
     assert again.status_code == 200, again.get_data(as_text=True)[:300]
     assert body(again)["order_id"] == order_id
@@ -50,7 +42,7 @@ def test_a_write_whose_connection_died_is_not_rerun_here(
                headers={"Accept": "application/json"})  # opens the pool's one connection
     with get_engine().connect() as conn:
         orders_before = conn.scalar(sa.text("SELECT count(*) FROM orders"))
-    _terminate(web_sandbox, _pooled_backend())
+    terminate_backend(web_sandbox.database_url, _pooled_backend())
     response = client.post("/orders", json=_order())
     assert response.status_code == 503
     with get_engine().connect() as conn:
