@@ -95,6 +95,13 @@ def _factory(url: str | None = None) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url) if url else get_engine(), expire_on_commit=False)
 
 
+def forget_engine() -> None:
+    """The next engine and sessions are built from the settings again (a new database URL or pool
+    size); the settings' own cache is the caller's to clear first."""
+    get_engine.cache_clear()
+    _factory.cache_clear()
+
+
 def new_session() -> Session:
     return _factory()()
 

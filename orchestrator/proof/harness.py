@@ -186,8 +186,7 @@ def _reload(cluster: Cluster | None) -> None:
 
     fastpath.reset()  # its marks belong to the old database, its connection to the old broker
     config.settings.cache_clear()
-    db.get_engine.cache_clear()
-    db._factory.cache_clear()
+    db.forget_engine()
     bootstrap()  # the Celery app's broker and queues from the new settings
     _cluster = cluster
 

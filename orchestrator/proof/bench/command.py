@@ -108,8 +108,7 @@ def _point_at(database_url: str) -> None:
 
     os.environ["DATABASE_URL"] = database_url
     settings.cache_clear()
-    db.get_engine.cache_clear()
-    db._factory.cache_clear()
+    db.forget_engine()
 
 
 def reachable(database_url: str | None, broker_url: str) -> Probe:

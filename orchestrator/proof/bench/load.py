@@ -170,8 +170,7 @@ def saga_placer(mode: str, url: str, skus: list[str], threads: int) -> Callable[
         os.environ["SAGA_DB_POOL_SIZE"] = str(db.pool_size("web", 1, threads))
         settings.cache_clear()
         db.get_engine().dispose()
-        db.get_engine.cache_clear()
-        db._factory.cache_clear()
+        db.forget_engine()
         fastpath.publish_in_background()
 
         def place_direct(i: int) -> str:
