@@ -79,14 +79,18 @@ def pool_size(process: str | None, configured: int, web_threads: int) -> int:
     connection each, and its publisher's thread writes sent marks: with fewer kept, every request
     over the pool opened a connection and closed it at checkin (seen: 300 PostgreSQL sessions
     started in a 17 s bench, each a backend forked and a statement cache lost)."""
-    if process is not None and process.split("#")[0] == "web":
+    if _kind(process) == "web":
         return max(configured, web_threads + 1)
     return configured
 
 
 def _pings(process: str | None) -> bool:
+    return process is None or _kind(process) in _PINGING_PROCESSES
+
+
+def _kind(process: str | None) -> str | None:
     """``SAGA_PROCESS`` is the process name (``orchestrator#2`` for a second one); unset: a tool."""
-    return process is None or process.split("#")[0] in _PINGING_PROCESSES
+    return None if process is None else process.split("#")[0]
 
 
 @lru_cache(maxsize=4)
