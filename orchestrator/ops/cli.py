@@ -244,9 +244,10 @@ def _bootstrap(worker: str | None = None) -> Any:
 @click.option("--pool", default=None, help="default: prefork (processes.WORKER_POOL)")
 def worker(name: str, concurrency: int | None, pool: str | None) -> None:
     """A Celery worker consuming exactly its service's queue (orchestrator, or a service)."""
-    from orchestrator.ops.processes import celery_worker_args
+    from orchestrator.ops.processes import celery_worker_args, yield_cpu_to_the_web
 
     os.environ.setdefault("SAGA_PROCESS", name)
+    yield_cpu_to_the_web()
     _prepare_metrics(name)
     app = _bootstrap(worker=name)
     args = celery_worker_args(
@@ -264,6 +265,9 @@ def relay() -> None:
     from orchestrator.messaging.topology import service_queue_names
     from orchestrator.ops import process_metrics
     from orchestrator.ops.logs import setup_logging
+    from orchestrator.ops.processes import yield_cpu_to_the_web
+
+    yield_cpu_to_the_web()
 
     _bootstrap()
     setup_logging("relay")
@@ -280,7 +284,10 @@ def relay() -> None:
 @main.command()
 def beat() -> None:
     """Celery beat: schedules the sweep (deadlines and unsent outbox rows)."""
+    from orchestrator.ops.processes import yield_cpu_to_the_web
+
     os.environ.setdefault("SAGA_PROCESS", "beat")
+    yield_cpu_to_the_web()
     _prepare_metrics("beat")
     app = _bootstrap()
     cfg = settings()

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     outbox_fast_path: bool = _env("SAGA_OUTBOX_FAST_PATH", True)
     outbox_grace_s: float = _env("SAGA_OUTBOX_GRACE_S", 5.0, ge=0)
     worker_concurrency: int = _env("SAGA_WORKER_CONCURRENCY", 2, ge=1)
+    # The niceness of the background processes (the Celery workers, the relay, beat): on a host
+    # they share with the web, an order request gets a core before a batch does. 0: equal.
+    background_nice: int = _env("SAGA_BACKGROUND_NICE", 10, ge=0, le=19)
     prefetch: int = _env("SAGA_PREFETCH", 4, ge=1)
     # Messages a batch consumer (orchestrator/messaging/batches.py) takes at once, and so its
     # prefetch: every one that is waiting, up to this many, never waiting for more. 0: no

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import psutil
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator.ops.config import settings
 from orchestrator.proof.client import Api
 from orchestrator.proof.harness import Processes, free_port
 from tests.integration.helpers import make_product, order_body, place, settle_and_audit
@@ -117,3 +119,21 @@ def test_healthz_is_503_from_a_web_whose_database_is_unreachable(system: Process
     response = _health(url)
     assert response.status_code == 503
     assert response.json() == {"database": "down", "broker": "ok"}
+
+
+def test_the_background_processes_yield_the_cpu_to_the_web(system: Processes) -> None:
+    """Every worker (its pool processes too), the relay and beat run at SAGA_BACKGROUND_NICE;
+    the web's processes keep the priority they were started with."""
+    own = psutil.Process().nice()
+    wanted = max(own, settings().background_nice)
+    assert wanted > own, "the setting must lower the background processes' priority here"
+    seen: dict[str, set[int]] = {}
+    for name, running in system.running.items():
+        if running.proc.poll() is not None:
+            continue
+        root = psutil.Process(running.proc.pid)
+        seen[name] = {p.nice() for p in [root, *root.children(recursive=True)]}
+    background = {name for name in seen if not name.startswith("web")}
+    assert {"orchestrator", "relay", "beat", "inventory", "payment", "orders"} <= background
+    assert {name: seen[name] for name in background} == {name: {wanted} for name in background}
+    assert seen["web"] == {own}

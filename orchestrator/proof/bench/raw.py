@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from celery import Celery, chain
+from celery import Celery, chain, signals
 from kombu import Connection, Exchange, Queue
 
 from orchestrator.messaging.topology import service_queues
@@ -83,6 +83,11 @@ def create_raw_celery(broker_url: str) -> Celery:
 
 
 app = create_raw_celery(settings().broker_url)
+
+
+@signals.worker_init.connect
+def _at_the_saga_workers_priority(**_: Any) -> None:
+    processes.yield_cpu_to_the_web()  # as `sagactl worker` does (SAGA_BACKGROUND_NICE)
 
 
 @app.task(name="bench.reserve")
