@@ -33,9 +33,9 @@ def process_table() -> dict[str, list[str]]:
 def yield_cpu_to_the_web() -> None:
     """Run this background process (and the pool processes it forks) at SAGA_BACKGROUND_NICE.
 
-    Two cores shared by the web and every worker: a POST waited behind a batch's slice (its
-    p99 at half saturation went from 19-21 ms to 25-48 ms with the workers at the web's
-    priority, docs/benchmarks.md). Never raises a process's priority above what it was."""
+    Two cores shared by the web and every worker: a POST waited behind a batch's time slice
+    (POST /orders p99 at 40/s: 25-48 ms with the workers at the web's priority, 21-23 ms with
+    them at 10; docs/benchmarks.md). Never raises a process's priority above what it was."""
     from orchestrator.ops.config import settings
 
     current = os.getpriority(os.PRIO_PROCESS, 0)
