@@ -17,12 +17,14 @@ sweep, an operator), its outbox row keeping that span's ``traceparent``: one sag
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import flag_modified
 
@@ -270,20 +272,112 @@ def lock_saga(session: Session, saga_id: uuid.UUID, *, skip_locked: bool = False
 def lock_sagas(session: Session, saga_ids: list[uuid.UUID]) -> dict[uuid.UUID, Saga]:
     """Many saga rows with their steps, locked in the order of their ids (one statement for the
     rows, one for their steps): two orchestrators locking overlapping batches wait for each other
-    and never deadlock."""
-    found = session.scalars(_LOCK_SAGAS, {"ids": sorted(set(saga_ids))})
-    return {saga.id: saga for saga in found}
+    and never deadlock.
+
+    Plain rows, not ORM objects (the engine reads and sets them as it would a Saga): loading a
+    batch of one into the ORM and flushing it back was half the orchestrator's CPU at low load.
+    What the transaction changes on them is written at its commit (``_write_locked``), one
+    executemany per table; a saga locked twice in one transaction is the same row both times."""
+    if not _hooked:  # the changes would never be written
+        raise RuntimeError("locked sagas need the session hooks: call bootstrap() first")
+    conn = session.connection()
+    locked: dict[uuid.UUID, _Locked] = session.info.setdefault(LOCKED_KEY, {})
+    wanted = sorted(set(saga_ids) - locked.keys())
+    if wanted:
+        fresh = {
+            row.id: _SagaDraft(**row._mapping, steps=[])
+            for row in conn.execute(_LOCK_SAGA_ROWS, {"ids": wanted})
+        }
+        if fresh:
+            for row in conn.execute(_STEP_ROWS, {"ids": list(fresh)}):
+                fresh[row.saga_id].steps.append(_StepDraft(**row._mapping))
+        for saga_id, saga in fresh.items():
+            locked[saga_id] = _Locked(saga, _moved(saga), [_moved(s) for s in saga.steps])
+    return {i: locked[i].saga for i in saga_ids if i in locked}
 
 
+_SAGAS, _STEPS = cast(sa.Table, Saga.__table__), cast(sa.Table, SagaStep.__table__)
 # Built once, ids bound per batch (building and cache-keying it per batch was not free).
-_LOCK_SAGAS = (
-    sa.select(Saga)
-    .options(selectinload(Saga.steps))
-    .where(Saga.id.in_(sa.bindparam("ids", expanding=True)))
-    .order_by(Saga.id)
+_LOCK_SAGA_ROWS = (
+    sa.select(_SAGAS)
+    .where(_SAGAS.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(_SAGAS.c.id)
     .with_for_update()
-    .execution_options(**_LOCKED)
 )
+# Read after the lock is held, by a statement of its own (see _LOCKED above).
+_STEP_ROWS = (
+    sa.select(_STEPS)
+    .where(_STEPS.c.saga_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(_STEPS.c.saga_id, _STEPS.c.idx)
+)
+LOCKED_KEY = "saga.locked"
+
+
+@dataclasses.dataclass(slots=True)
+class _Locked:
+    """A locked saga and the values of its moving columns as read, to find what changed."""
+
+    saga: Any
+    was: tuple[Any, ...]
+    steps_were: list[tuple[Any, ...]]
+
+
+def _unnest_update(table: sa.Table, keys: tuple[str, ...], moved: list[str]) -> str:
+    """An UPDATE of many rows by one statement: each column's new values (and the keys that find
+    the rows) bound as one array, the rows made by ``unnest``. The same text for any number of
+    rows (prepared once per connection); zero rows update nothing."""
+    columns = [*keys, *moved]
+    types = {c: table.c[c].type.compile(dialect=postgresql.dialect()) for c in columns}
+    arrays = ", ".join(f"CAST(%({c})s AS {types[c]}[])" for c in columns)
+    sets = ", ".join(f"{c} = v.{c}" for c in moved)
+    where = " AND ".join(f"t.{c} = v.{c}" for c in keys)
+    return (
+        f"UPDATE {table.name} AS t SET {sets} FROM unnest({arrays}) AS v({', '.join(columns)})"
+        f" WHERE {where}"
+    )
+
+
+def _unnest_insert(
+    table: sa.Table, columns: list[str], prefix: str, defaults: dict[str, str]
+) -> str:
+    """An INSERT of many rows by one statement, in the order of the arrays; a column of
+    ``defaults`` takes that SQL where its value is NULL."""
+    types = {c: table.c[c].type.compile(dialect=postgresql.dialect()) for c in columns}
+    arrays = ", ".join(f"CAST(%({prefix}{c})s AS {types[c]}[])" for c in columns)
+    values = ", ".join(
+        f"COALESCE(v.{c}, {defaults[c]})" if c in defaults else f"v.{c}" for c in columns
+    )
+    return (
+        f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {values}"
+        f" FROM unnest({arrays}) WITH ORDINALITY AS v({', '.join(columns)}, n) ORDER BY v.n"
+    )
+
+
+def _moved(row: Any) -> tuple[Any, ...]:
+    return tuple(getattr(row, key) for key in _MOVED[cast(Any, row).__table__.name])
+
+
+def _arrays(rows: list[Any], columns: list[str]) -> dict[str, list[Any]]:
+    """Each column's values of ``rows``, as the arrays ``_unnest_*`` bind (enums by value)."""
+    return {
+        c: [v.value if isinstance(v, enum.Enum) else v for v in (getattr(r, c) for r in rows)]
+        for c in columns
+    }
+
+
+def _locked_changes(session: Session) -> dict[str, list[Any]]:
+    """The changed rows of the sagas ``lock_sagas`` handed out, as ``_WRITE``'s arrays."""
+    locked: dict[uuid.UUID, _Locked] = session.info.pop(LOCKED_KEY, None) or {}
+    sagas, steps = [], []
+    for entry in locked.values():
+        saga = entry.saga
+        if _moved(saga) != entry.was:
+            sagas.append(saga)
+        steps += [s for s, was in zip(saga.steps, entry.steps_were, strict=True) if _moved(s) != was]
+    return {
+        **_arrays(sagas, _SAGA_COLUMNS),
+        **{f"s_{k}": v for k, v in _arrays(steps, _STEP_COLUMNS).items()},
+    }
 
 
 EVENTS_KEY = "saga.events"
@@ -344,9 +438,23 @@ def hook_sessions() -> None:
 _FIXED = {"id", "business_key", "definition", "definition_version", "context", "created_at",
           "saga_id", "idx", "name", "compensation"}  # fmt: skip
 _MOVED = {
-    model: [c.key for c in cast(sa.Table, model.__table__).columns if c.key not in _FIXED]
-    for model in (Saga, SagaStep)
+    table.name: [c.key for c in table.columns if c.key not in _FIXED]
+    for table in (cast(sa.Table, Saga.__table__), cast(sa.Table, SagaStep.__table__))
 }
+_SAGA_KEY, _STEP_KEY = ("id",), ("saga_id", "idx")
+_SAGA_COLUMNS = [*_SAGA_KEY, *_MOVED[_SAGAS.name]]
+_STEP_COLUMNS = [*_STEP_KEY, *_MOVED[_STEPS.name]]
+_EVENT_COLUMNS = ["saga_id", "event", "step", "attempt", "detail", "actor", "at"]
+# One round trip for a transaction's engine writes (an executemany per table was three, the steps'
+# in pipeline mode): the sagas' and the steps' UPDATEs as CTEs, the timeline's INSERT in its order.
+_WRITE = (
+    f"WITH sagas_written AS ({_unnest_update(_SAGAS, _SAGA_KEY, _MOVED[_SAGAS.name])}), "
+    "steps_written AS ("
+    + _unnest_update(_STEPS, _STEP_KEY, _MOVED[_STEPS.name]).replace("%(", "%(s_")
+    + ") "
+    + _unnest_insert(_EVENTS, _EVENT_COLUMNS, "e_", defaults={"at": "clock_timestamp()"})
+)
+
 
 
 def _uniform_updates(session: Session, *_: object) -> None:
@@ -356,27 +464,40 @@ def _uniform_updates(session: Session, *_: object) -> None:
     # written with all the columns the engine moves: one executemany per table. The extra values
     # are the row's own, read under the saga's lock.
     for obj in session.dirty:
-        moved = _MOVED.get(type(obj))
+        moved = _MOVED.get(getattr(type(obj), "__tablename__", ""))
         if moved and session.is_modified(obj, include_collections=False):
             for key in moved:
                 flag_modified(obj, key)
 
 
 def _write_events(session: Session) -> None:
-    # One multi-row INSERT per transaction instead of one ORM object per event (the unit of work
-    # was a third of the orchestrator's CPU). The flush first: the events reference the saga.
-    rows = session.info.pop(EVENTS_KEY, None)
-    if rows:
-        session.flush()
-        # One statement per set of columns: a row with its own time, and the others (now).
-        for dated in (False, True):
-            same = [row for row in rows if ("at" in row) is dated]
-            if same:
-                session.execute(sa.insert(_EVENTS), same)
+    # The transaction's engine writes in one round trip, just before its commit: the changed rows
+    # of the sagas it locked (lock_sagas) and its timeline (one ORM object per event, then one
+    # statement per table, were a third of the orchestrator's CPU). ORM-loaded sagas (lock_saga)
+    # are flushed first: the events reference the saga.
+    changes = _locked_changes(session)
+    events = session.info.pop(EVENTS_KEY, None) or []
+    session.flush()
+    if events or changes["id"] or changes["s_saga_id"]:
+        rows = [_EventRow(**{"at": None, **row}) for row in events]
+        params = {**changes, **{f"e_{k}": v for k, v in _arrays(rows, _EVENT_COLUMNS).items()}}
+        session.connection().exec_driver_sql(_WRITE, params)
+
+
+@dataclasses.dataclass(slots=True)
+class _EventRow:
+    saga_id: uuid.UUID
+    event: str
+    step: str | None
+    attempt: int | None
+    detail: str | None
+    actor: str | None
+    at: datetime | None  # None: when it is written (clock_timestamp(), as the column's default)
 
 
 def _forget_events(session: Session) -> None:
     session.info.pop(EVENTS_KEY, None)
+    session.info.pop(LOCKED_KEY, None)
 
 
 def snapshot_of(saga: Saga) -> Snapshot:
