@@ -1,4 +1,5 @@
-"""A saga locked after another transaction's commit comes with the steps that commit wrote.
+"""A saga locked after another transaction's commit comes with the steps that commit wrote; a saga
+locked twice in one transaction is one row (the batch path's rows are plain, not ORM objects).
 
 Seen in CI: with the steps joined to the locked saga in one statement, a batch that waited on the
 lock got the saga's new row but its steps as they were before the other batch's commit, applied a
@@ -64,3 +65,18 @@ def test_a_lock_that_waited_reads_the_steps_the_holder_committed(client: FlaskCl
         _wait_for_a_lock_waiter()
     waiter.join(10)
     assert seen["waiter"] == seen["holder"]
+
+
+def test_a_saga_locked_twice_in_one_transaction_is_one_row_written_once(
+    client: FlaskClient,
+) -> None:
+    saga_id = uuid.UUID(place(client)["saga_id"])
+    with transaction() as session:
+        first = engine.lock_sagas(session, [saga_id])[saga_id]
+        running = engine.registered_of(first).definition.index("inventory.reserve")
+        first.steps[running].attempts = 7
+        again = engine.lock_sagas(session, [saga_id])[saga_id]
+        assert again is first  # not a second copy read back without the change
+    with transaction() as session:
+        saga = engine.lock_sagas(session, [saga_id])[saga_id]
+        assert saga.steps[running].attempts == 7
