@@ -275,9 +275,9 @@ def lock_sagas(session: Session, saga_ids: list[uuid.UUID]) -> dict[uuid.UUID, S
     and never deadlock.
 
     Plain rows, not ORM objects (the engine reads and sets them as it would a Saga): loading a
-    batch of one into the ORM and flushing it back was half the orchestrator's CPU at low load.
-    What the transaction changes on them is written at its commit (``_write_locked``), one
-    executemany per table; a saga locked twice in one transaction is the same row both times."""
+    batch of one into the ORM and flushing it back was half of its ``apply_batch``'s CPU. What
+    the transaction changes on them is written just before its commit, with its timeline, in one
+    statement (``_write_events``); a saga locked twice in one transaction is the same row."""
     if not _hooked:  # the changes would never be written
         raise RuntimeError("locked sagas need the session hooks: call bootstrap() first")
     conn = session.connection()
@@ -454,7 +454,6 @@ _WRITE = (
     + ") "
     + _unnest_insert(_EVENTS, _EVENT_COLUMNS, "e_", defaults={"at": "clock_timestamp()"})
 )
-
 
 
 def _uniform_updates(session: Session, *_: object) -> None:
